@@ -1,0 +1,97 @@
+"""The engine's public data: what a request asks for and what it gets back.
+
+The HTTP layer builds ``SamplingParams`` and reads ``RequestOutput``; nothing here knows
+about HTTP or Harmony (stop ids are plain token ids chosen by the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None = off; k >= 0 = sampled token's logprob + k alternatives
+    ignore_eos: bool = False  # never stop on stop_token_ids (benchmarks)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), best first
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float  # time.monotonic() seconds
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    token_times: list[float] = field(default_factory=list)  # one per generated token
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    """One increment of a request's output, streamed as soon as it exists."""
+
+    request_id: str
+    token_ids: list[int]  # tokens generated since the previous output
+    logprobs: list[TokenLogprob] | None = None  # parallel to token_ids when asked
+    finish_reason: FinishReason | None = None
+    stop_token_id: int | None = None  # which stop id ended it (finish_reason == "stop")
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_output_tokens: int = 0  # generated so far, cumulative
+    metrics: RequestMetrics | None = None  # filled on the final output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class TokenSource(Protocol):
+    """Replaces the sampler's choice (the model still runs): for API-layer tests."""
+
+    def __call__(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> int: ...
+
+
+class EngineError(Exception):
+    """Base of the errors ``add_request`` raises before anything is queued."""
+
+
+class PromptTooLongError(EngineError):
+    """The prompt (plus min_tokens) cannot fit the context window or the whole KV cache."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at its bound: answer 429 and let the client retry."""
+
+
+class EngineDeadError(EngineError):
+    """The engine loop died and cannot take requests."""
