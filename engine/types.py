@@ -95,3 +95,23 @@ class QueueFullError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop died and cannot take requests."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for metrics and health; cheap to take."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0  # blocks held by live requests (both pools)
+    kv_blocks_total: int = 0
+    prefix_cache_queried_tokens: int = 0  # cumulative prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # cumulative prompt tokens served from it
+    num_preemptions: int = 0  # cumulative
+    num_steps: int = 0  # cumulative
+    last_step_tokens: int = 0  # tokens in the latest forward pass
+    alive: bool = True
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
