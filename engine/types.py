@@ -89,6 +89,11 @@ class PromptTooLongError(EngineError):
     """The prompt (plus min_tokens) cannot fit the context window or the whole KV cache."""
 
 
+class InvalidRequestError(EngineError, ValueError):
+    """The request itself is malformed (empty prompt, token id outside the vocabulary,
+    duplicate request id, parameters out of range)."""
+
+
 class QueueFullError(EngineError):
     """The waiting queue is at its bound: answer 429 and let the client retry."""
 
@@ -110,6 +115,7 @@ class EngineStats:
     num_preemptions: int = 0  # cumulative
     num_steps: int = 0  # cumulative
     last_step_tokens: int = 0  # tokens in the latest forward pass
+    num_batched_tokens: int = 0  # cumulative tokens computed by forward passes (prefill + decode)
     alive: bool = True
 
     @property

@@ -1,0 +1,117 @@
+"""Which tokens of which sequences go into the next forward pass.
+
+Every step first gives each running sequence (oldest first) its next tokens: one for a
+decode, a chunk for a prompt still being prefilled. Then, with the token budget left, it
+admits waiting sequences in arrival order, each with a first prefill chunk (chunked
+prefill: a long prompt never stalls everyone's decoding). When a running sequence cannot
+get the blocks it needs, the newest running sequence is preempted: its blocks are freed and
+it goes back to the head of the queue, to be recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import KVBlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # parallel to seqs
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+@dataclass
+class SchedulerCounters:
+    num_preemptions: int = 0
+    prefix_queried_tokens: int = 0
+    prefix_hit_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(self, block_manager: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.counters = SchedulerCounters()
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the queues and free its blocks (finish, abort, error)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.counters.num_preemptions += 1
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # Running sequences first, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_schedule(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.grow(seq, n)
+                out.seqs.append(seq)
+                out.num_new_tokens.append(n)
+                budget -= n
+                i += 1
+
+        # Then waiting sequences, in order, while budget, slots and blocks allow. Nothing is
+        # admitted in a step that had to preempt: memory is short.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            hit = bm.lookup_prefix(seq)
+            n = min(seq.num_tokens - hit * bm.block_size, budget)
+            if not bm.can_schedule(seq, n, hit):
+                break
+            self.waiting.popleft()
+            bm.admit(seq, hit)
+            bm.grow(seq, n)
+            if bm.enable_prefix_caching:
+                self.counters.prefix_queried_tokens += seq.num_tokens
+                self.counters.prefix_hit_tokens += seq.num_computed_tokens
+            if not seq.admitted_once:
+                seq.num_cached_tokens = seq.num_computed_tokens
+                seq.admitted_once = True
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(seq)
+            out.num_new_tokens.append(n)
+            budget -= n
+        return out

@@ -1,0 +1,180 @@
+"""The pieces of one gpt-oss layer that do not touch the KV cache: RMSNorm, YaRN RoPE,
+attention with sinks over given keys, and the mixture of experts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+from .mxfp4 import dequantize_mxfp4
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 statistics and fp32 scale, result in the input dtype (as REF and HF)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (scale * h).to(x.dtype)
+
+
+class YarnRope:
+    """YaRN RoPE, half-split (NeoX): frequency i rotates the pair (i, i + head_dim/2).
+    cos and sin both carry the concentration 0.1*ln(factor)+1, so logits scale by its square.
+    low/high are NOT rounded (truncate=false); formulas and operation order follow HFR."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu") -> None:
+        dim, base, factor = config.head_dim, config.rope_theta, config.rope_scaling_factor
+        original = config.initial_context_length
+
+        def correction_dim(num_rotations: float) -> float:
+            return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low = max(correction_dim(config.rope_beta_fast), 0)
+        high = min(correction_dim(config.rope_beta_slow), dim - 1)
+        if low == high:
+            high += 0.001
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        extrapolation = 1.0 / pos_freqs
+        interpolation = 1.0 / (factor * pos_freqs)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation_factor = 1 - ramp
+        self.inv_freq = (
+            interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+        ).to(device)
+        self.concentration = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T] positions -> cos, sin [T, head_dim/2] in fp32."""
+        freqs = positions[:, None].float() * self.inv_freq.to(positions.device)
+        return freqs.cos() * self.concentration, freqs.sin() * self.concentration
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, head_dim] (fp32), cos/sin [T, head_dim/2]."""
+        cos, sin = cos[:, None, :], sin[:, None, :]
+        first, second = torch.chunk(x, 2, dim=-1)
+        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def attention_with_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor, sm_scale: float
+) -> torch.Tensor:
+    """Grouped-query attention with one learned sink logit per head, all in fp32.
+
+    q [B, Tq, H, D]; k, v [B, Tk, KVH, D]; mask [B, Tq, Tk] bool (True = may attend);
+    sinks [H]. Query head h uses KV head h // (H/KVH). Returns [B, Tq, H, D] fp32.
+    The sink is an extra softmax column (never scaled, never masked) that is then dropped,
+    so the weights over real keys sum to less than one.
+    """
+    b, tq, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    qg = q.float().view(b, tq, kvh, g, d).permute(0, 2, 3, 1, 4)  # [B, KVH, G, Tq, D]
+    kk = k.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, KVH, 1, Tk, D]
+    vv = v.float().permute(0, 2, 1, 3).unsqueeze(2)
+    scores = torch.matmul(qg, kk.transpose(-1, -2)) * sm_scale  # [B, KVH, G, Tq, Tk]
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    sink = sinks.float().view(1, kvh, g, 1, 1).expand(b, kvh, g, tq, 1)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(combined, dim=-1)[..., :-1]
+    out = torch.matmul(probs, vv)  # [B, KVH, G, Tq, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(b, tq, h, d)
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's experts. Either packed MXFP4 in [E, out, in] order (dequantized per use)
+    or dense in the HF export's [E, in, out] order (``x @ w``)."""
+
+    mlp1_bias: torch.Tensor  # [E, 2I], gate/up interleaved (even = gate, odd = up)
+    mlp2_bias: torch.Tensor  # [E, H]
+    mlp1_blocks: torch.Tensor | None = None  # [E, 2I, H/32, 16] uint8
+    mlp1_scales: torch.Tensor | None = None  # [E, 2I, H/32] uint8
+    mlp2_blocks: torch.Tensor | None = None  # [E, H, I/32, 16] uint8
+    mlp2_scales: torch.Tensor | None = None  # [E, H, I/32] uint8
+    mlp1_dense: torch.Tensor | None = None  # [E, H, 2I]
+    mlp2_dense: torch.Tensor | None = None  # [E, I, H]
+
+    @property
+    def packed(self) -> bool:
+        return self.mlp1_dense is None
+
+    def mlp1(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's first projection as [H, 2I] (so that h = x @ w)."""
+        if self.mlp1_dense is not None:
+            return self.mlp1_dense[e]
+        assert self.mlp1_blocks is not None and self.mlp1_scales is not None
+        return dequantize_mxfp4(self.mlp1_blocks[e], self.mlp1_scales[e], dtype).t()
+
+    def mlp2(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        """Expert e's second projection as [I, H]."""
+        if self.mlp2_dense is not None:
+            return self.mlp2_dense[e]
+        assert self.mlp2_blocks is not None and self.mlp2_scales is not None
+        return dequantize_mxfp4(self.mlp2_blocks[e], self.mlp2_scales[e], dtype).t()
+
+    def dequantize_all(self, dtype: torch.dtype) -> None:
+        """Replace the packed tensors by dense ones (faster, ~4x the memory in bf16)."""
+        if not self.packed:
+            return
+        num_experts = self.mlp1_bias.shape[0]
+        self.mlp1_dense = torch.stack([self.mlp1(e, dtype).contiguous() for e in range(num_experts)])
+        self.mlp2_dense = torch.stack([self.mlp2(e, dtype).contiguous() for e in range(num_experts)])
+        self.mlp1_blocks = self.mlp1_scales = self.mlp2_blocks = self.mlp2_scales = None
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU on interleaved [..., 2I]: gate = even, up = odd; gate clamped above
+    only, up both sides, and the up branch gets +1."""
+    gate, up = h[..., ::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+
+
+def route(
+    y: torch.Tensor, router_weight: torch.Tensor, router_bias: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router in fp32: top-k of the raw logits, then softmax over just those k.
+    Returns (weights [T, k] fp32, expert ids [T, k] int64)."""
+    logits = torch.nn.functional.linear(y.float(), router_weight.float(), router_bias.float())
+    top_values, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)
+    return torch.softmax(top_values, dim=-1), top_ids
+
+
+def moe(
+    y: torch.Tensor,
+    experts: ExpertWeights,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor,
+    config: ModelConfig,
+) -> torch.Tensor:
+    """y [T, H] (normed) -> sum over the chosen experts of w_e * expert_e(y), in y's dtype.
+
+    Tokens are grouped by expert (one sort), and only experts that received tokens run
+    (and, when packed, get dequantized). The per-expert counts need one host sync.
+    """
+    t, k = y.shape[0], config.experts_per_token
+    weights, ids = route(y, router_weight, router_bias, k)
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=config.num_experts).tolist()
+    token_of = order // k
+    weight_of = weights.reshape(-1)[order]
+    out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start : start + n]
+        w = weight_of[start : start + n]
+        start += n
+        x = y.index_select(0, rows)
+        h = torch.addmm(experts.mlp1_bias[e].to(y.dtype), x, experts.mlp1(e, y.dtype))
+        a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)
+        o = torch.addmm(experts.mlp2_bias[e].to(y.dtype), a, experts.mlp2(e, y.dtype))
+        out.index_add_(0, rows, o.float() * w[:, None])
+    return out.to(y.dtype)

@@ -1,0 +1,95 @@
+"""The gpt-oss transformer over a flattened batch (prefill chunks and decode tokens mixed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import BatchMetadata
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .layers import ExpertWeights, YarnRope, moe, rms_norm
+from .paged_attention import build_plan, paged_attention
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [H] fp32
+    qkv_weight: torch.Tensor  # [q + 2kv, H]: rows q, then k, then v
+    qkv_bias: torch.Tensor
+    sinks: torch.Tensor  # [heads] fp32
+    out_weight: torch.Tensor  # [H, q]
+    out_bias: torch.Tensor
+    mlp_norm: torch.Tensor  # [H] fp32
+    router_weight: torch.Tensor  # [E, H] fp32 (router math is fp32)
+    router_bias: torch.Tensor  # [E] fp32
+    experts: ExpertWeights
+
+
+@dataclass
+class ModelWeights:
+    embedding: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [H] fp32
+    unembedding: torch.Tensor  # [V, H]
+
+
+class GptOssModel(torch.nn.Module):
+    """Weights are plain tensors (inference only, possibly memory-mapped), not parameters."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.weights = weights
+        self.dtype = dtype
+        self.device = weights.embedding.device
+        self.rope = YarnRope(config, self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, meta: BatchMetadata, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """input_ids [T] -> float32 logits [len(meta.logits_indices), vocab]."""
+        c = self.config
+        w = self.weights
+        if kv_cache is not None and kv_cache.config.num_layers != c.num_layers:
+            raise ValueError("KV cache was built for a different model")
+        block_size = kv_cache.block_size if kv_cache is not None else 1
+        plans = {
+            False: build_plan(
+                meta, meta.full_block_table if kv_cache is not None else None, block_size, None
+            ),
+            True: build_plan(
+                meta, meta.sliding_block_table if kv_cache is not None else None, block_size, c.sliding_window
+            ),
+        }
+        cos, sin = self.rope.cos_sin(meta.positions.to(self.device))
+        x = w.embedding.index_select(0, input_ids.to(self.device)).to(self.dtype)
+        t = x.shape[0]
+        for i, layer in enumerate(w.layers):
+            # Attention half.
+            y = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+            qkv = torch.nn.functional.linear(y, layer.qkv_weight, layer.qkv_bias)
+            q = qkv[:, : c.q_dim].view(t, c.num_heads, c.head_dim).float()
+            k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].view(t, c.num_kv_heads, c.head_dim).float()
+            v = qkv[:, c.q_dim + c.kv_dim :].view(t, c.num_kv_heads, c.head_dim)
+            q = YarnRope.apply(q, cos, sin)
+            # K is stored (and attended) in the model dtype whether or not it goes through the
+            # cache, so cached decode and full recomputation see the same keys.
+            k = YarnRope.apply(k, cos, sin).to(self.dtype)
+            sliding = c.is_sliding(i)
+            attn = paged_attention(
+                plans[sliding], q, k, v,
+                kv_cache.k[i] if kv_cache is not None else None,
+                kv_cache.v[i] if kv_cache is not None else None,
+                layer.sinks, c.sm_scale,
+            )  # fmt: skip
+            attn = attn.reshape(t, c.q_dim).to(self.dtype)
+            x = x + torch.nn.functional.linear(attn, layer.out_weight, layer.out_bias)
+            # MoE half.
+            y = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
+            x = x + moe(y, layer.experts, layer.router_weight, layer.router_bias, c)
+        x = x.index_select(0, meta.logits_indices.to(self.device))
+        x = rms_norm(x, w.norm, c.rms_norm_eps)
+        return torch.nn.functional.linear(x, w.unembedding).float()

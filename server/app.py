@@ -1,0 +1,138 @@
+"""The FastAPI application: ``create_app(settings, engine=None)``.
+
+Without an engine the app builds one in the background after the socket is open (so
+``/health`` answers while weights load and ``/ready`` says 503 until they are in); with one
+(tests) it uses it as is. The engine runs in its own thread: nothing here blocks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+
+from harmony.tokenizer import load_tokenizer
+from server.chat import router as chat_router
+from server.completions import router as completions_router
+from server.errors import install_error_handlers
+from server.middleware import RequestContextMiddleware
+from server.routes import router as misc_router
+from server.settings import ServerSettings
+from server.state import ServerState
+
+logger = logging.getLogger("server")
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.3f} GiB"
+
+
+def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
+    """Create and start the engine (blocking: loads the weights). Runs in a worker thread."""
+    from engine.async_engine import AsyncEngine
+
+    from engine.config import EngineConfig
+
+    if settings.model is None:
+        from server.default_model import ensure_default_checkpoint
+
+        model_dir = str(ensure_default_checkpoint(settings.cache_dir))
+    else:
+        model_dir = settings.model
+    token_source = None
+    if settings.scripted_tokens is not None:
+        from server.scripted import ScriptedTokenSource
+
+        token_source = ScriptedTokenSource.from_file(settings.scripted_tokens, tokenizer)
+        logger.warning(
+            "TEST MODE: outputs are scripted by %s (the model still runs)", settings.scripted_tokens
+        )
+    config = EngineConfig(
+        model_dir=model_dir,
+        dtype=settings.dtype,
+        device=settings.device,
+        block_size=settings.block_size,
+        kv_cache_memory=settings.kv_cache_memory,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_model_len=settings.max_model_len,
+        max_waiting=settings.max_waiting,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        dequantize_experts=settings.dequantize_experts,
+        token_source=token_source,
+        seed=settings.seed,
+    )
+    logger.info("loading model %s (dtype %s, device %s)", model_dir, settings.dtype, settings.device)
+    engine = AsyncEngine(config)
+    engine.start()
+    return engine
+
+
+def log_startup(state: ServerState) -> None:
+    engine = state.engine
+    logger.info(
+        "model %s served as %s: weights %s, KV cache %s = %s tokens of context in total, "
+        "max_model_len %s, up to %d concurrent sequences",
+        state.settings.model or "<embedded default, RANDOM weights>",
+        ", ".join(state.model_names),
+        _gib(getattr(engine, "weights_bytes", None)),
+        _gib(getattr(engine, "kv_cache_bytes", None)),
+        getattr(engine, "kv_cache_tokens", "?"),
+        getattr(engine, "max_model_len", "?"),
+        state.settings.max_num_seqs,
+    )
+
+
+async def _load(state: ServerState) -> None:
+    try:
+        state.tokenizer = state.tokenizer or await asyncio.to_thread(load_tokenizer)
+        if state.engine is None:
+            state.engine = await asyncio.to_thread(build_engine, state.settings, state.tokenizer)
+        elif not state.engine.is_alive:
+            await asyncio.to_thread(state.engine.start)
+        log_startup(state)
+        logger.info("ready on http://%s:%d", state.settings.host, state.settings.port)
+    except Exception as exc:
+        state.load_error = f"{type(exc).__name__}: {exc}"
+        logger.exception("startup failed")
+        if state.on_fatal is not None:
+            state.on_fatal()
+
+
+def create_app(settings: ServerSettings, engine: Any = None) -> FastAPI:
+    state = ServerState(settings=settings, engine=None, owns_engine=engine is None)
+    pending_engine = engine
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if pending_engine is not None:
+            state.engine = pending_engine
+        load_task = asyncio.create_task(_load(state))
+        app.state.load_task = load_task
+        try:
+            yield
+        finally:
+            load_task.cancel()
+            with contextlib.suppress(BaseException):
+                await load_task
+            if state.engine is not None and state.owns_engine:
+                await asyncio.to_thread(state.engine.shutdown)
+                logger.info("engine stopped")
+
+    app = FastAPI(
+        title="gptoss-server",
+        version="0.1.0",
+        description="OpenAI-compatible API for gpt-oss models. Errors are "
+        '`{"error": {"message", "type", "param", "code"}}`.',
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(chat_router)
+    app.include_router(completions_router)
+    app.include_router(misc_router)
+    app.add_middleware(RequestContextMiddleware, state=state)
+    return app

@@ -1,0 +1,151 @@
+"""Block manager and scheduler, without a model: block accounting, sliding-window freeing,
+prefix-cache hits (and their sliding-pool condition), LRU eviction, preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.block_manager import NO_BLOCK, BlockPool, KVBlockManager
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence, SequenceStatus
+from engine.types import RequestMetrics, SamplingParams
+
+
+def make_seq(rid: str, tokens: list[int]) -> Sequence:
+    return Sequence(request_id=rid, prompt_ids=list(tokens), params=SamplingParams(), metrics=RequestMetrics(0.0))
+
+
+def run_step(bm: KVBlockManager, seq: Sequence, n: int) -> None:
+    """What the engine does around a forward pass, minus the forward pass."""
+    assert bm.can_schedule(seq, n)
+    bm.grow(seq, n)
+    seq.num_computed_tokens += n
+    bm.on_computed(seq)
+
+
+def test_pool_refcounts_and_lru_eviction() -> None:
+    pool = BlockPool(3)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    assert pool.num_free == 0
+    pool.register(a, b"ka")
+    pool.register(b, b"kb")
+    pool.acquire(a)  # shared by two sequences
+    pool.release(a)
+    assert pool.num_free == 0
+    pool.release(b)  # freed first: evicted first
+    pool.release(a)
+    pool.release(c)  # never hashed: handed out before any cached block
+    assert pool.num_free == 3
+    assert pool.allocate() == c
+    assert pool.allocate() == b and pool.lookup(b"kb") is None  # LRU victim lost its key
+    assert pool.lookup(b"ka") == a
+    with pytest.raises(RuntimeError):
+        pool.release(c)
+        pool.release(c)
+
+
+def test_sliding_blocks_freed_behind_window() -> None:
+    bs, window = 4, 8
+    bm = KVBlockManager(bs, 64, 64, window, enable_prefix_caching=False)
+    seq = make_seq("a", list(range(40)))
+    run_step(bm, seq, 13)  # prefill chunk: positions 0..12
+    # Next step starts at 13 and needs keys from 13 - 8 + 1 = 6: blocks 1.. stay, block 0 goes.
+    assert seq.sliding_blocks[0] == NO_BLOCK and all(b != NO_BLOCK for b in seq.sliding_blocks[1:])
+    assert len(seq.full_blocks) == 4
+    for _ in range(27):
+        run_step(bm, seq, 1)
+    # context 40: window needs positions 33.. -> blocks 8, 9 (the one being written) only.
+    held = [i for i, b in enumerate(seq.sliding_blocks) if b != NO_BLOCK]
+    assert held == [8, 9]
+    assert bm.sliding.num_used == 2 and bm.full.num_used == 10
+    bm.free(seq)
+    assert bm.all_free()
+
+
+def test_prefix_hit_needs_sliding_blocks_of_the_last_window() -> None:
+    bs, window = 4, 8
+    bm = KVBlockManager(bs, 64, 64, window, enable_prefix_caching=True)
+    prompt = list(range(100, 124))  # 6 full blocks
+    first = make_seq("a", prompt)
+    run_step(bm, first, 24)
+    bm.free(first)
+    assert bm.all_free()
+    second = make_seq("b", [*prompt[:20], 1, 2, 3, 4, 5])  # shares 5 blocks
+    hit = bm.lookup_prefix(second)
+    assert hit == 5
+    assert bm.can_schedule(second, 5, hit)
+    bm.admit(second, hit)
+    assert second.num_computed_tokens == 20
+    # Sliding layers at position 20 see keys 13..: blocks 3, 4 held, 0..2 not.
+    assert second.sliding_blocks[:3] == [NO_BLOCK] * 3 and NO_BLOCK not in second.sliding_blocks[3:5]
+    bm.grow(second, 5)
+    second.num_computed_tokens += 5
+    bm.on_computed(second)
+    bm.free(second)
+    assert bm.all_free()
+
+
+def test_prefix_hit_shortened_when_sliding_tail_was_evicted() -> None:
+    bs, window = 4, 8
+    bm = KVBlockManager(bs, 64, 6, window, enable_prefix_caching=True)
+    prompt = list(range(100, 124))
+    first = make_seq("a", prompt)
+    for _ in range(6):  # 4 tokens a step, so the sliding pool (6 blocks) suffices
+        run_step(bm, first, 4)
+    bm.free(first)
+    # Churn the sliding pool with an unrelated sequence: the cached sliding blocks get evicted
+    # (the full-pool blocks stay cached: that pool is large).
+    other = make_seq("x", list(range(500, 540)))
+    for _ in range(10):
+        run_step(bm, other, 4)
+    bm.free(other)
+    second = make_seq("b", [*prompt, 9])
+    hit = bm.lookup_prefix(second)
+    keys = second.block_hashes
+    assert all(bm.full.lookup(k) is not None for k in keys[:6])
+    # Every accepted hit has its last window in the sliding pool.
+    for i in range(bm.sliding_start(hit * bs), hit):
+        assert bm.sliding.lookup(keys[i]) is not None
+    assert hit < 6
+
+
+def test_scheduler_chunked_prefill_budget_and_fcfs() -> None:
+    bm = KVBlockManager(4, 256, 256, 8, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    a, b, c = make_seq("a", list(range(30))), make_seq("b", list(range(5))), make_seq("c", list(range(3)))
+    for s in (a, b, c):
+        sched.add(s)
+    out = sched.schedule()
+    assert out.seqs == [a] and out.num_new_tokens == [16]  # a's first chunk fills the budget
+    a.num_computed_tokens += 16
+    bm.on_computed(a)
+    out = sched.schedule()
+    assert out.seqs == [a, b] and out.num_new_tokens == [14, 2]
+    assert c.status is SequenceStatus.WAITING
+
+
+def test_scheduler_preempts_newest_and_readmits_first() -> None:
+    bm = KVBlockManager(4, 6, 64, 8, enable_prefix_caching=False)  # 6 full blocks = 24 tokens
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = make_seq("a", list(range(11))), make_seq("b", list(range(11)))
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert out.seqs == [a, b]
+    for s in (a, b):
+        s.num_computed_tokens += 11
+        bm.on_computed(s)
+        s.token_ids.append(7)  # sampled
+    for _ in range(1):
+        out = sched.schedule()  # 12 tokens each fit in 3 blocks
+        assert not out.preempted
+        for s in out.seqs:
+            s.num_computed_tokens += 1
+            bm.on_computed(s)
+            s.token_ids.append(7)
+    out = sched.schedule()  # a needs a 4th block: b (newest) is preempted
+    assert out.seqs == [a] and out.preempted == [b]
+    assert b.status is SequenceStatus.WAITING and not b.full_blocks and sched.waiting[0] is b
+    sched.remove(a)
+    sched.remove(b)
+    assert bm.all_free()
