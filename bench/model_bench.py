@@ -117,9 +117,9 @@ def child_transformers(model_dir: Path, prompt_len: int, decode: int) -> dict:
     }
 
 
-def run_child(kind: str, model_dir: Path, prompt_len: int, decode: int) -> dict:
+def run_child(kind: str, model_dir: Path, prompt_len: int, decode: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--model", str(model_dir),
-           "--prompt-len", str(prompt_len), "--decode-tokens", str(decode)]  # fmt: skip
+           "--prompt-len", str(prompt_len), "--decode-tokens", str(decode), "--threads", str(threads)]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -148,12 +148,18 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-tokens-20b", type=int, default=4)
+    p.add_argument("--prompt-len-20b", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in the children (0 = default)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--child", choices=["ours", "ours-dequant", "transformers"])
     p.add_argument("--model", type=Path)
     args = p.parse_args()
 
     if args.child:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.child == "transformers":
             result = child_transformers(args.model, args.prompt_len, args.decode_tokens)
         else:
@@ -166,31 +172,32 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} threads {torch.get_num_threads()}, python {platform.python_version()}")  # fmt: skip
-    header = f"| preset | implementation | load s | RSS GB (after load / peak) | prefill tok/s ({args.prompt_len}) | decode tok/s |"
+    header = "| preset | implementation | load s | RSS GB (after load / peak) | prompt, decoded | prefill tok/s | decode tok/s |"
     rows = []
     for preset in args.presets.split(","):
         path, made_s = ensure_checkpoint(args.workdir, preset)
         size_gb = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
         print(f"# {preset}: {path} ({size_gb:.2f} GB)" + (f", written in {made_s:.0f}s" if made_s else ""))
         decode = args.decode_tokens if preset != "20b" else args.decode_tokens_20b
+        prompt_len = args.prompt_len if preset != "20b" else args.prompt_len_20b
         kinds = ["ours"]
         if preset != "20b":
             kinds += ["ours-dequant"] + ([] if args.skip_transformers else ["transformers"])
-        results = [run_child(kind, path, args.prompt_len, decode) for kind in kinds]
+        results = [run_child(kind, path, prompt_len, decode, args.threads) for kind in kinds]
         for r in results:
             if "error" in r:
-                rows.append(f"| {preset} | {r['impl']} | error: {r['error']} | | | |")
+                rows.append(f"| {preset} | {r['impl']} | error: {r['error']} | | | | |")
                 continue
             rows.append(
                 f"| {preset} | {r['impl']} | {r['load_s']:.1f} | {r['rss_after_load_gb']:.2f} / {r['peak_rss_gb']:.2f} "
-                f"| {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |"
+                f"| {prompt_len}, {decode} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} |"
             )
         ok = [r for r in results if "tokens" in r]
         if len(ok) > 1:
             same = all(r["tokens"][:4] == ok[0]["tokens"][:4] for r in ok)
             print(f"# {preset}: first 4 greedy tokens agree across implementations (bf16): {same}")
     print(header)
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

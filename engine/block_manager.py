@@ -177,6 +177,12 @@ class KVBlockManager:
         > 0 only for an unadmitted sequence reusing that many cached blocks (reviving a
         cached block that is free consumes a free block too)."""
         bs = self.block_size
+        if not hit:
+            # Fast path (most decodes): the step stays inside blocks already held. Sliding
+            # entries from the window start onwards are always held for a running sequence.
+            end = seq.num_computed_tokens + num_new
+            if end <= len(seq.full_blocks) * bs and (self.window is None or end <= len(seq.sliding_blocks) * bs):
+                return 0, 0
         if hit:
             computed = hit * bs
             keys = seq.block_hashes[:hit]

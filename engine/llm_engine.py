@@ -47,6 +47,7 @@ class StepTiming:
     steps: int = 0
     total_s: float = 0.0
     forward_s: float = 0.0
+    sampler_s: float = 0.0
 
     @property
     def overhead_s(self) -> float:
@@ -242,11 +243,13 @@ class LLMEngine:
             batch = self.runner.prepare(sched)
             t_fwd = time.perf_counter()
             logits = self.runner.forward(batch)
-            forward_s = time.perf_counter() - t_fwd
+            t_sample = time.perf_counter()
+            forward_s = t_sample - t_fwd
             forced = None
             if self.config.token_source is not None:
                 forced = [int(self.config.token_source(s.prompt_ids, s.output_ids)) for s in batch.sample_seqs]
             sampled = self.sampler(logits, batch.sample_seqs, forced)
+            sampler_s = time.perf_counter() - t_sample
         except Exception as exc:  # fail this step's requests, keep the engine
             log.exception("engine step failed")
             return outputs + self._fail_step(sched, exc)
@@ -262,6 +265,7 @@ class LLMEngine:
             outputs.append(self._append_token(seq, token, logprob, now))
         self.timing.steps += 1
         self.timing.forward_s += forward_s
+        self.timing.sampler_s += sampler_s
         self.timing.total_s += time.perf_counter() - t0
         return outputs
 

@@ -1,7 +1,7 @@
 """Which tokens of which sequences go into the next forward pass.
 
-Every step first gives each running sequence (oldest first) its next tokens: one for a
-decode, a chunk for a prompt still being prefilled. Then, with the token budget left, it
+Every step first gives each running sequence its next tokens: one for each decode (oldest
+first), then a chunk for each prompt still being prefilled. Then, with the token budget left, it
 admits waiting sequences in arrival order, each with a first prefill chunk (chunked
 prefill: a long prompt never stalls everyone's decoding). When a running sequence cannot
 get the blocks it needs, the newest running sequence is preempted: its blocks are freed and
@@ -74,23 +74,30 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
-        # Running sequences first, oldest first.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # Running sequences first: decodes (oldest first), then prefill chunks still under
+        # way, so a long prompt never holds up everyone's next token.
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        scheduled: dict[Sequence, int] = {}
+        for seq in decodes + chunks:
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not bm.can_schedule(seq, n):
-                victim = self.running.pop()
+                victim = self.running.pop()  # the newest
                 self._preempt(victim)
                 out.preempted.append(victim)
+                budget += scheduled.pop(victim, 0)
                 if victim is seq:
                     break
             else:
                 bm.grow(seq, n)
-                out.seqs.append(seq)
-                out.num_new_tokens.append(n)
+                scheduled[seq] = n
                 budget -= n
-                i += 1
+        out.seqs.extend(scheduled)
+        out.num_new_tokens.extend(scheduled.values())
 
         # Then waiting sequences, in order, while budget, slots and blocks allow. Nothing is
         # admitted in a step that had to preempt: memory is short.

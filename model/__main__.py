@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--block-size", type=int, default=16)
     gen.add_argument("--dequantize-experts", action="store_true")
-    gen.add_argument("--logits-out", type=Path, default=None, help="save prefill logits [prompt_len, vocab] .npy")
+    gen.add_argument(
+        "--logits-out", type=Path, default=None, help="save prefill logits [prompt_len, vocab] .npy"
+    )
     return parser
 
 
@@ -75,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: prompt must be non-empty ids in [0, {vocab_size})", file=sys.stderr)
         return 2
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.model, dtype=dtype, device=args.device, dequantize_experts=args.dequantize_experts)
+    model = load_model(
+        args.model, dtype=dtype, device=args.device, dequantize_experts=args.dequantize_experts
+    )
     tokens, prefill_logits = greedy_generate(
         model, prompt, args.max_new_tokens, block_size=args.block_size,
         return_prefill_logits=args.logits_out is not None,

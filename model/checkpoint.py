@@ -47,7 +47,10 @@ class _Canonical:
         return g
 
     def _chunked(
-        self, name: str, shape: tuple[int, ...], make: Callable[[tuple[int, ...], torch.Generator], torch.Tensor]
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        make: Callable[[tuple[int, ...], torch.Generator], torch.Tensor],
     ) -> Iterator[torch.Tensor]:
         row = math.prod(shape[1:])
         rows_per_chunk = max(1, CHUNK_ELEMENTS // max(row, 1))
@@ -55,7 +58,9 @@ class _Canonical:
             n = min(rows_per_chunk, shape[0] - start)
             yield make((n, *shape[1:]), self._generator(name, i))
 
-    def normal(self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> Iterator[torch.Tensor]:
+    def normal(
+        self, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0
+    ) -> Iterator[torch.Tensor]:
         def make(s: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
             return (torch.randn(s, generator=g) * std + mean).to(torch.bfloat16)
 
@@ -161,7 +166,9 @@ def _hf_specs(canon: _Canonical, dequantized: bool) -> list[TensorSpec]:
                         yield dequantize_mxfp4(blocks, scales, torch.bfloat16).transpose(1, 2).contiguous()
 
                 specs.append(
-                    _spec(f"{hp}.mlp.experts.{hf}", (e, groups * VALUES_PER_BLOCK, rows_), torch.bfloat16, dense)
+                    _spec(
+                        f"{hp}.mlp.experts.{hf}", (e, groups * VALUES_PER_BLOCK, rows_), torch.bfloat16, dense
+                    )
                 )
             else:
                 same(f"{hp}.mlp.experts.{hf}_blocks", f"{p}.mlp.{orig}_weight.blocks")
@@ -185,10 +192,18 @@ def _shard(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
 
 
 def _write_sharded(
-    out_dir: Path, specs: list[TensorSpec], max_bytes: int, shard_name: Callable[[int, int], str], progress: bool
+    out_dir: Path,
+    specs: list[TensorSpec],
+    max_bytes: int,
+    shard_name: Callable[[int, int], str],
+    progress: bool,
 ) -> None:
     shards = _shard(specs, max_bytes)
-    names = ["model.safetensors"] if len(shards) == 1 else [shard_name(k, len(shards)) for k in range(len(shards))]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [shard_name(k, len(shards)) for k in range(len(shards))]
+    )
     bar = _progress(sum(s.nbytes for s in specs), progress)
     for name, shard in zip(names, shards, strict=True):
         for spec in shard:
@@ -199,7 +214,9 @@ def _write_sharded(
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(s.nbytes for s in specs)},
-            "weight_map": {spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard},
+            "weight_map": {
+                spec.name: name for name, shard in zip(names, shards, strict=True) for spec in shard
+            },
         }
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 

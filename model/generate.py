@@ -87,7 +87,9 @@ def greedy_generate(
     total = len(prompt_ids) + max_new_tokens
     num_full = math.ceil(total / block_size)
     # The prompt is prefilled in one piece, so the sliding pool must hold it whole once.
-    num_sliding = max(math.ceil(len(prompt_ids) / block_size), math.ceil(c.sliding_window / block_size) + 1) + 1
+    num_sliding = (
+        max(math.ceil(len(prompt_ids) / block_size), math.ceil(c.sliding_window / block_size) + 1) + 1
+    )
     cache = KVCache(c, block_size, num_full, num_sliding, dtype=model.dtype, device=device)
     blocks = _SequenceBlocks(num_full, num_sliding, block_size, c.sliding_window)
 

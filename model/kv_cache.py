@@ -46,7 +46,13 @@ class KVCache:
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> tuple[int, int]:
         """Bytes of one full-pool block across all full layers, and of one sliding-pool block
         across all sliding layers (K and V both counted)."""
-        per_layer = 2 * block_size * config.num_kv_heads * config.head_dim * torch.empty((), dtype=dtype).element_size()
+        per_layer = (
+            2
+            * block_size
+            * config.num_kv_heads
+            * config.head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
         return per_layer * len(config.full_layers), per_layer * len(config.sliding_layers)
 
     def nbytes(self) -> int:

@@ -59,7 +59,12 @@ class YarnRope:
 
 
 def attention_with_sinks(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, sinks: torch.Tensor, sm_scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
 ) -> torch.Tensor:
     """Grouped-query attention with one learned sink logit per head, all in fp32.
 

@@ -89,7 +89,9 @@ def load_model(
             qkv_w = torch.cat([
                 get(n["q.weight"], (c.q_dim, h)), get(n["k.weight"], (c.kv_dim, h)), get(n["v.weight"], (c.kv_dim, h)),
             ])  # fmt: skip
-            qkv_b = torch.cat([get(n["q.bias"], (c.q_dim,)), get(n["k.bias"], (c.kv_dim,)), get(n["v.bias"], (c.kv_dim,))])
+            qkv_b = torch.cat(
+                [get(n["q.bias"], (c.q_dim,)), get(n["k.bias"], (c.kv_dim,)), get(n["v.bias"], (c.kv_dim,))]
+            )
         else:
             qkv_w = get(n["qkv.weight"], (c.qkv_dim, h))
             qkv_b = get(n["qkv.bias"], (c.qkv_dim,))
@@ -157,7 +159,11 @@ def _load_experts(
 
 def _hf_names(layer: int) -> dict[str, str]:
     if layer < 0:
-        return {"embedding": "model.embed_tokens.weight", "norm": "model.norm.weight", "unembedding": "lm_head.weight"}
+        return {
+            "embedding": "model.embed_tokens.weight",
+            "norm": "model.norm.weight",
+            "unembedding": "lm_head.weight",
+        }
     p = f"model.layers.{layer}"
     ex = f"{p}.mlp.experts"
     return {

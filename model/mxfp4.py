@@ -22,20 +22,28 @@ VALUES_PER_BLOCK = 32
 BYTES_PER_BLOCK = 16
 
 
-@functools.lru_cache(maxsize=16)  # constant tables, one per (dtype, device)
-def _byte_pair_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[256, 2]: the two FP4 values (low nibble first) that each byte encodes."""
+def _byte_pair_values() -> torch.Tensor:
+    """[256, 2] float32: the two FP4 values (low nibble first) that each byte encodes."""
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
     byte = torch.arange(256)
-    return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1).to(dtype=dtype, device=device)
+    return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], dim=-1)
 
 
-@functools.lru_cache(maxsize=16)
-def _scale_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[256] float32: 2^(s-127). 2^-127 is a float32 subnormal, still exact; s=255 gives inf
-    (the spec calls it NaN, the reference ignores that: we do what the reference does)."""
-    exps = torch.arange(256, dtype=torch.float64) - SCALE_BIAS
-    return torch.pow(2.0, exps).to(torch.float32).to(dtype=dtype, device=device)
+def _scale_values() -> torch.Tensor:
+    """[256] float64: 2^(s-127). 2^-127 is a float32/bf16 subnormal, still exact; s=255 gives
+    inf (the spec calls it NaN, the reference ignores that: we do what the reference does)."""
+    return torch.pow(2.0, torch.arange(256, dtype=torch.float64) - SCALE_BIAS)
+
+
+@functools.lru_cache(maxsize=16)  # immutable constant tables, one per (dtype, device)
+def _decoded_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256 scales * 256 bytes, 2]: every (scale, byte) pair already decoded to its two
+    weights. Each product FP4 * 2^k is computed in float64 (exact) and rounded once."""
+    table = _scale_values()[:, None, None] * _byte_pair_values().double()[None]
+    return table.reshape(256 * 256, 2).to(dtype).to(device).contiguous()
+
+
+_PAIR_AS_INT = {torch.bfloat16: torch.int32, torch.float16: torch.int32, torch.float32: torch.int64}
 
 
 def dequantize_mxfp4(
@@ -43,40 +51,22 @@ def dequantize_mxfp4(
 ) -> torch.Tensor:
     """blocks uint8 [..., G, 16], scales uint8 [..., G] -> weights [..., G*32] in ``dtype``.
 
-    The product of an FP4 value and a power of two is exact in float32 (and in bf16 while the
-    result stays in range), so computing in float32 and casting once matches the reference.
+    One gather per byte from a table of all (scale, byte) pairs: FP4 times a power of two
+    rounded once to ``dtype`` (exact for float32 and bf16, which share float32's exponent
+    range, except where the value overflows to inf as in the reference's ldexp).
     """
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise TypeError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
     if blocks.shape[-1] != BYTES_PER_BLOCK or blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 shape mismatch: blocks {tuple(blocks.shape)}, scales {tuple(scales.shape)}")
-    # FP4 values times a power of two are exact in float32 and bf16 (same exponent range),
-    # so computing directly in those dtypes matches the reference; fp16 goes through float32.
-    compute = dtype if dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
-    table = _byte_pair_table(compute, blocks.device)  # [256, 2]
-    packed_int = {torch.bfloat16: torch.int32, torch.float32: torch.int64}.get(compute)
-    if packed_int is not None:
-        # Gather both values of a byte as one wider integer: a single 1-D index_select with
-        # int32 indices is several times faster on CPU than fancy-indexing a [256, 2] table.
-        both = table.view(packed_int).view(256)
-        values = both.index_select(0, blocks.reshape(-1).int()).view(compute)
+    table = _decoded_table(dtype, blocks.device)
+    index = blocks.int()
+    index += (scales.int() * 256).unsqueeze(-1)
+    as_int = _PAIR_AS_INT.get(dtype)
+    if as_int is not None:
+        # Both weights of a byte gathered as one wider integer: a 1-D index_select with int32
+        # indices is several times faster on CPU than fancy-indexing a [N, 2] table.
+        values = table.view(as_int).view(-1).index_select(0, index.view(-1)).view(dtype)
     else:
-        values = table[blocks.reshape(-1).long()]
-    values = values.view(*blocks.shape[:-1], VALUES_PER_BLOCK)
-    factors = _scale_table(blocks.device, compute).index_select(0, scales.reshape(-1).int())
-    out = values * factors.view(*scales.shape, 1)
-    return out.reshape(*blocks.shape[:-2], -1).to(dtype)
-
-
-def quantize_mxfp4_random(
-    shape_rows: tuple[int, ...], in_features: int, generator: torch.Generator, scale_exponent: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random packed weights: uniform nibbles, scales 2^(scale_exponent + {-1, 0}).
-
-    Returns blocks uint8 [*rows, in/32, 16] and scales uint8 [*rows, in/32].
-    """
-    groups = in_features // VALUES_PER_BLOCK
-    blocks = torch.randint(0, 256, (*shape_rows, groups, BYTES_PER_BLOCK), generator=generator, dtype=torch.uint8)
-    jitter = torch.randint(-1, 1, (*shape_rows, groups), generator=generator, dtype=torch.int16)
-    scales = (jitter + SCALE_BIAS + scale_exponent).to(torch.uint8)
-    return blocks, scales
+        values = table.index_select(0, index.view(-1))
+    return values.reshape(*blocks.shape[:-2], blocks.shape[-2] * VALUES_PER_BLOCK)

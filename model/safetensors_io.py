@@ -75,5 +75,7 @@ def write_safetensors(path: Path, specs: list[TensorSpec], metadata: dict[str, s
 def _checked_chunks(spec: TensorSpec) -> Iterator[torch.Tensor]:
     for chunk in spec.produce():
         if chunk.dtype != spec.dtype or tuple(chunk.shape[1:]) != tuple(spec.shape[1:]):
-            raise RuntimeError(f"{spec.name}: chunk {chunk.dtype}{tuple(chunk.shape)} does not fit {spec.shape}")
+            raise RuntimeError(
+                f"{spec.name}: chunk {chunk.dtype}{tuple(chunk.shape)} does not fit {spec.shape}"
+            )
         yield chunk.cpu()

@@ -82,7 +82,9 @@ class SafetensorsDir:
                 continue
             dtype = info.get("dtype")
             if dtype not in DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {dtype!r}, which this loader does not support")
+                raise CheckpointError(
+                    f"{path}: tensor {name} has dtype {dtype!r}, which this loader does not support"
+                )
             begin, end = info["data_offsets"]
             shape = tuple(int(d) for d in info["shape"])
             expected = torch.empty((), dtype=DTYPES[dtype]).element_size()

@@ -56,14 +56,15 @@ class GptOssModel(torch.nn.Module):
         if kv_cache is not None and kv_cache.config.num_layers != c.num_layers:
             raise ValueError("KV cache was built for a different model")
         block_size = kv_cache.block_size if kv_cache is not None else 1
-        plans = {
-            False: build_plan(
-                meta, meta.full_block_table if kv_cache is not None else None, block_size, None
-            ),
-            True: build_plan(
-                meta, meta.sliding_block_table if kv_cache is not None else None, block_size, c.sliding_window
-            ),
-        }
+        plans = {}  # one attention plan per pool kind in use, shared by all its layers
+        for sliding, table in ((False, meta.full_block_table), (True, meta.sliding_block_table)):
+            if not (c.sliding_layers if sliding else c.full_layers):
+                continue
+            if kv_cache is not None and table is None:
+                kind = "sliding" if sliding else "full"
+                raise ValueError(f"a KV cache needs meta.{kind}_block_table")
+            window = c.sliding_window if sliding else None
+            plans[sliding] = build_plan(meta, table if kv_cache is not None else None, block_size, window)
         cos, sin = self.rope.cos_sin(meta.positions.to(self.device))
         x = w.embedding.index_select(0, input_ids.to(self.device)).to(self.dtype)
         t = x.shape[0]

@@ -33,7 +33,6 @@ def _gib(n: int | None) -> str:
 def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
     """Create and start the engine (blocking: loads the weights). Runs in a worker thread."""
     from engine.async_engine import AsyncEngine
-
     from engine.config import EngineConfig
 
     if settings.model is None:
@@ -86,13 +85,16 @@ def log_startup(state: ServerState) -> None:
     )
 
 
-async def _load(state: ServerState) -> None:
+async def _load(state: ServerState, given_engine: Any = None) -> None:
     try:
         state.tokenizer = state.tokenizer or await asyncio.to_thread(load_tokenizer)
-        if state.engine is None:
-            state.engine = await asyncio.to_thread(build_engine, state.settings, state.tokenizer)
-        elif not state.engine.is_alive:
-            await asyncio.to_thread(state.engine.start)
+        if given_engine is None:
+            engine = await asyncio.to_thread(build_engine, state.settings, state.tokenizer)
+        else:
+            engine = given_engine
+            if not engine.is_alive:
+                await asyncio.to_thread(engine.start)
+        state.engine = engine  # only now do /ready and the generation routes accept work
         log_startup(state)
         logger.info("ready on http://%s:%d", state.settings.host, state.settings.port)
     except Exception as exc:
@@ -102,15 +104,30 @@ async def _load(state: ServerState) -> None:
             state.on_fatal()
 
 
+def _honest_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI documents a 422 on every route; we answer 400 (with the error body) instead."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 def create_app(settings: ServerSettings, engine: Any = None) -> FastAPI:
     state = ServerState(settings=settings, engine=None, owns_engine=engine is None)
     pending_engine = engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if pending_engine is not None:
-            state.engine = pending_engine
-        load_task = asyncio.create_task(_load(state))
+        load_task = asyncio.create_task(_load(state, pending_engine))
         app.state.load_task = load_task
         try:
             yield
@@ -130,6 +147,7 @@ def create_app(settings: ServerSettings, engine: Any = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.server = state
+    app.openapi = lambda: _honest_openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
     app.include_router(chat_router)
     app.include_router(completions_router)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -161,7 +162,7 @@ def _message(state: ChatChoiceState) -> AssistantMessage:
     )
 
 
-def _check_tool_choice(body: ChatCompletionRequest) -> None:
+def check_tool_choice(body: ChatCompletionRequest) -> None:
     choice = body.tool_choice
     if choice == "required" or (choice is not None and not isinstance(choice, str)):
         raise APIError(
@@ -210,7 +211,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         logger.debug("%s: ignoring unknown fields %s", request_id, sorted(body.model_extra))
     engine = state.require_engine()
     model = state.resolve_model(body.model)
-    _check_tool_choice(body)
+    check_tool_choice(body)
     rendered = await render_prompt(render_request_dict(body, state), state)
     if state.settings.log_requests:
         text_logger.info("%s prompt: %r", request_id, rendered.text)
@@ -234,9 +235,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     states = [
         ChatChoiceState(i, tokenizer, stop_strings(body.stop), body.include_reasoning) for i in range(body.n)
     ]
-    session = EngineSession(engine, f"chatcmpl-{request_id}", state.drain, state.metrics)
+    # Unique even when clients reuse an x-request-id: it names the engine requests too.
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    logger.debug("%s: %s", request_id, response_id)
+    session = EngineSession(engine, response_id, state.drain, state.metrics)
     session.start(requests)
-    response_id = f"chatcmpl-{request_id}"
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -379,9 +382,16 @@ async def _stream(
     except ShuttingDown:
         yield sse_error(503, "The server is shutting down; the request was aborted.", "draining")
         yield DONE
+    except APIError as exc:
+        yield sse_error(exc.status, exc.message, exc.code)
+        yield DONE
     except GenerationFailed as exc:
         logger.error("%s: %s", request_id, exc)
         yield sse_error(500, f"Generation failed (request id {request_id}).")
+        yield DONE
+    except Exception:  # a bug: still end the stream properly, never cut it silently
+        logger.exception("%s: streaming failed", request_id)
+        yield sse_error(500, f"Internal server error (request id {request_id}).")
         yield DONE
     finally:
         session.close()

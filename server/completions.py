@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -134,7 +136,7 @@ async def completions(body: CompletionRequest, request: Request):
     engine = state.require_engine()
     model = state.resolve_model(body.model)
     tokenizer = state.require_tokenizer()
-    prompts = prompts_of(body, tokenizer)
+    prompts = await asyncio.to_thread(prompts_of, body, tokenizer)  # long prompts: off the loop
     if len(prompts) * body.n > 64:
         raise APIError(400, "at most 64 choices (prompts x n) per request", param="n")
     if state.settings.log_requests:
@@ -158,7 +160,8 @@ async def completions(body: CompletionRequest, request: Request):
         TextChoiceState(i, tokenizer, stops, body.skip_special_tokens, body.logprobs is not None)
         for i in range(len(requests))
     ]
-    response_id = f"cmpl-{request_id}"
+    response_id = f"cmpl-{uuid.uuid4().hex}"  # unique even when clients reuse an x-request-id
+    logger.debug("%s: %s", request_id, response_id)
     session = EngineSession(engine, response_id, state.drain, state.metrics)
     session.start(requests)
     created = int(time.time())
@@ -259,9 +262,16 @@ async def _stream(
     except ShuttingDown:
         yield sse_error(503, "The server is shutting down; the request was aborted.", "draining")
         yield DONE
+    except APIError as exc:
+        yield sse_error(exc.status, exc.message, exc.code)
+        yield DONE
     except GenerationFailed as exc:
         logger.error("%s: %s", request_id, exc)
         yield sse_error(500, f"Generation failed (request id {request_id}).")
+        yield DONE
+    except Exception:  # a bug: still end the stream properly, never cut it silently
+        logger.exception("%s: streaming failed", request_id)
+        yield sse_error(500, f"Internal server error (request id {request_id}).")
         yield DONE
     finally:
         session.close()

@@ -93,8 +93,13 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         msg = err.get("msg", "invalid value")
         if err.get("type") == "json_invalid":
             msg, param = "request body is not valid JSON", None
-        elif err.get("type") == "missing" and param is None:
-            msg = "request body is required (JSON object)"
+        elif param is None and err.get("type") in (
+            "missing",
+            "model_attributes_type",
+            "dict_type",
+            "model_type",
+        ):
+            msg = "the request body must be a JSON object, sent with Content-Type: application/json"
         lines.append(f"{param}: {msg}" if param else msg)
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     first = errors[0]

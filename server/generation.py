@@ -150,6 +150,11 @@ class EngineSession:
                 raise GenerationFailed("the engine ended a request without a finish reason")
             if out.finish_reason == "error":
                 self._done.add(index)
+                if (out.error or "").startswith(QueueFullError.__name__):  # filled up since add_request
+                    raise APIError(
+                        429, "The server's waiting queue is full; retry shortly.", code="queue_full",
+                        retry_after=QUEUE_FULL_RETRY_AFTER,
+                    )  # fmt: skip
                 raise GenerationFailed(out.error or "engine error")
             if out.finish_reason == "abort":  # not ours (ours are ignored above): the engine stopped
                 self._done.add(index)

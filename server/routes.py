@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.chat import _check_tool_choice, render_prompt, render_request_dict
+from server.chat import check_tool_choice, render_prompt, render_request_dict
 from server.errors import APIError
 from server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
 from server.responses import (
@@ -58,11 +60,11 @@ async def tokenize(body: TokenizeChatRequest | TokenizePromptRequest, request: R
     tokenizer = state.require_tokenizer()
     state.resolve_model(body.model)
     if isinstance(body, TokenizeChatRequest):
-        _check_tool_choice(body)  # type: ignore[arg-type]
+        check_tool_choice(body)  # type: ignore[arg-type]
         rendered = await render_prompt(render_request_dict(body, state), state)  # type: ignore[arg-type]
         ids = rendered.token_ids
     else:
-        ids = tokenizer.encode_with_specials(body.prompt)
+        ids = await asyncio.to_thread(tokenizer.encode_with_specials, body.prompt)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)
 
 

@@ -60,15 +60,18 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+                message = f"server exited with {self.proc.returncode}:\n{self.log()}"
+                self.__exit__()
+                raise RuntimeError(message)
             try:
                 if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server not ready after {self.ready_timeout}s:\n{self.log()}")
+        message = f"server not ready after {self.ready_timeout}s:\n{self.log()}"
+        self.__exit__()
+        raise RuntimeError(message)
 
     def log(self) -> str:
         return Path(self._log_path).read_text(errors="replace")[-20000:]

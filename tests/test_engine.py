@@ -289,3 +289,37 @@ def test_step_errors_fail_requests_then_kill_the_engine(ckpt: Path, model: torch
     assert engine.block_manager.all_free()
     with pytest.raises(EngineDeadError):
         engine.add_request("d", [1, 2, 3], GREEDY)
+
+
+def test_random_mix_under_pressure_matches_roomy_engine(ckpt: Path, model: torch.nn.Module) -> None:
+    """Shared prefixes, chunked prefills, preemption, eviction and aborts all at once: every
+    request that is not aborted gives what a roomy engine without prefix caching gives."""
+    rng = torch.Generator().manual_seed(7)
+    prefix = prompt(13, 900)
+    requests: dict[str, tuple[list[int], SamplingParams]] = {}
+    for i in range(10):
+        tail = prompt(int(torch.randint(1, 12, (1,), generator=rng)), 901 + i)
+        ids = [*prefix[: int(torch.randint(0, 14, (1,), generator=rng))], *tail]
+        seed = 50 + i if i % 3 == 0 else None
+        params = SamplingParams(temperature=0.9 if seed is not None else 0, seed=seed,
+                                max_tokens=int(torch.randint(3, 14, (1,), generator=rng)))  # fmt: skip
+        requests[f"m{i}"] = (ids, params)
+    roomy = run(make_engine(ckpt, model, enable_prefix_caching=False), requests)
+    tight = make_engine(ckpt, model, kv_cache_memory=24 * 1024, max_num_seqs=5, max_num_batched_tokens=10)
+    for rid, (ids, params) in requests.items():
+        tight.add_request(rid, ids, params)
+    got: dict[str, list[RequestOutput]] = {rid: [] for rid in requests}
+    step = 0
+    while tight.has_unfinished():
+        step += 1
+        if step == 6:
+            tight.abort("m4")
+        for o in tight.step():
+            got[o.request_id].append(o)
+    assert tight.block_manager.all_free()
+    stats = tight.stats()
+    assert stats.num_preemptions > 0 and stats.prefix_cache_hit_tokens > 0
+    for rid in requests:
+        if rid == "m4" and final(got[rid]).finish_reason == "abort":
+            continue
+        assert tokens(got[rid]) == tokens(roomy[rid]), rid

@@ -149,3 +149,36 @@ def test_scheduler_preempts_newest_and_readmits_first() -> None:
     sched.remove(a)
     sched.remove(b)
     assert bm.all_free()
+
+
+def test_decodes_are_scheduled_before_a_long_prefill() -> None:
+    bm = KVBlockManager(4, 256, 256, 8, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=16)
+    a = make_seq("a", list(range(100)))  # older, long prompt
+    b = make_seq("b", list(range(3)))
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()  # a's first chunk takes the whole budget
+    assert out.seqs == [a]
+    a.num_computed_tokens += 16
+    bm.on_computed(a)
+    out = sched.schedule()  # FCFS: b waits while the older prompt's chunks fill the budget
+    assert out.seqs == [a] and out.num_new_tokens == [16]
+    a.num_computed_tokens += 16
+    bm.on_computed(a)
+    # Now let b be running and decoding (as if admitted earlier) beside a's prefill.
+    sched.waiting.remove(b)
+    bm.grow(b, 3)
+    b.num_computed_tokens = 3
+    bm.on_computed(b)
+    b.token_ids.append(5)
+    b.status = SequenceStatus.RUNNING
+    sched.running.append(b)
+    out = sched.schedule()  # b decodes first although a is older; a gets the rest
+    assert out.seqs == [b, a] and out.num_new_tokens == [1, 15]
+    for s, n in zip(out.seqs, out.num_new_tokens, strict=True):
+        s.num_computed_tokens += n
+        bm.on_computed(s)
+    b.token_ids.append(6)
+    out = sched.schedule()
+    assert out.seqs[0] is b and out.num_new_tokens == [1, 15]

@@ -61,7 +61,10 @@ def test_original_layout_names_dtypes_and_config(tmp_path):
     t = tensors_of(orig)
     assert len(t) == 15 * 3 + 3  # spec §3(a)
     dtypes = json.loads((orig / "dtypes.json").read_text())
-    assert dtypes["block.0.mlp.mlp1_weight.blocks"] == "FP4" and dtypes["block.0.mlp.mlp1_weight.scales"] == "UE8"
+    assert (
+        dtypes["block.0.mlp.mlp1_weight.blocks"] == "FP4"
+        and dtypes["block.0.mlp.mlp1_weight.scales"] == "UE8"
+    )
     assert dtypes["block.2.attn.sinks"] == "BF16" and set(dtypes) == set(t)
     c = ModelConfig.from_dir(root)
     assert t["block.1.attn.qkv.weight"].shape == (c.qkv_dim, c.hidden_size)
@@ -70,11 +73,15 @@ def test_original_layout_names_dtypes_and_config(tmp_path):
 
 def test_layouts_hold_the_same_network(tmp_path):
     hf = tensors_of(make_checkpoint(tmp_path / "hf", preset="tiny", seed=4, **SMALL))
-    orig = tensors_of(make_checkpoint(tmp_path / "o", preset="tiny", layout="original", seed=4, **SMALL) / "original")
+    orig = tensors_of(
+        make_checkpoint(tmp_path / "o", preset="tiny", layout="original", seed=4, **SMALL) / "original"
+    )
     other_seed = tensors_of(make_checkpoint(tmp_path / "s", preset="tiny", seed=5, **SMALL))
     qkv = torch.cat([hf[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])
     assert torch.equal(qkv, orig["block.1.attn.qkv.weight"])
-    assert torch.equal(hf["model.layers.0.mlp.experts.down_proj_blocks"], orig["block.0.mlp.mlp2_weight.blocks"])
+    assert torch.equal(
+        hf["model.layers.0.mlp.experts.down_proj_blocks"], orig["block.0.mlp.mlp2_weight.blocks"]
+    )
     assert torch.equal(hf["lm_head.weight"], orig["unembedding.weight"])
     assert not torch.equal(hf["lm_head.weight"], other_seed["lm_head.weight"])
 
@@ -147,7 +154,10 @@ def _rewrite_header(file, edit):
 
 def test_clear_errors_for_broken_checkpoints(tmp_path):
     path, file = _corrupt(tmp_path, "missing")
-    _rewrite_header(file, lambda h: h.__setitem__("model.layers.1.self_attn.sinks.x", h.pop("model.layers.1.self_attn.sinks")))
+    _rewrite_header(
+        file,
+        lambda h: h.__setitem__("model.layers.1.self_attn.sinks.x", h.pop("model.layers.1.self_attn.sinks")),
+    )
     with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.sinks'"):
         load_model(path)
 

@@ -45,7 +45,9 @@ def load_transformers(path: Path, packed: bool = True):
     from transformers import GptOssForCausalLM, Mxfp4Config
 
     kwargs = {"quantization_config": Mxfp4Config(dequantize=True)} if packed else {}
-    model = GptOssForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
+    model = GptOssForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", **kwargs
+    )
     model.eval()
     return model
 
@@ -138,7 +140,9 @@ def original_to_hf(original_dir: Path, out_dir: Path) -> None:
 
 def test_original_layout_matches_transformers_on_converted_weights(tmp_path):
     shape = SHAPES["3layers-6experts-top2-gqa3"]
-    root = make_checkpoint(tmp_path / "orig", preset="tiny", layout="original", seed=7, **shape, **SMALL_VOCAB)
+    root = make_checkpoint(
+        tmp_path / "orig", preset="tiny", layout="original", seed=7, **shape, **SMALL_VOCAB
+    )
     assert not (root / "config.json").exists() and (root / "original" / "dtypes.json").is_file()
     original_to_hf(root / "original", tmp_path / "converted")
     hf = load_transformers(tmp_path / "converted")
@@ -156,7 +160,9 @@ def test_original_layout_matches_transformers_on_converted_weights(tmp_path):
 def test_dequantized_bf16_export_matches_transformers_and_packed(tmp_path):
     shape = SHAPES["3layers-6experts-top2-gqa3"]
     packed_dir = make_checkpoint(tmp_path / "packed", preset="tiny", seed=3, **shape, **SMALL_VOCAB)
-    export_dir = make_checkpoint(tmp_path / "bf16", preset="tiny", layout="hf-bf16", seed=3, **shape, **SMALL_VOCAB)
+    export_dir = make_checkpoint(
+        tmp_path / "bf16", preset="tiny", layout="hf-bf16", seed=3, **shape, **SMALL_VOCAB
+    )
     hf = load_transformers(export_dir, packed=False)
     assert hf.model.layers[0].mlp.experts.gate_up_proj.shape == (6, 64, 128)  # [E, in, out]
     prompt = random_prompt(3, 200)

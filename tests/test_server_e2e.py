@@ -103,6 +103,10 @@ def test_tokenize_chat_equals_renderer_and_generation(server, client):
     expected = [render_chat_request(request, d).token_ids for d in {before, after}]
     assert got["tokens"] in expected
     assert got["count"] == len(got["tokens"]) and got["max_model_len"] == MAX_MODEL_LEN
+    # tool_choice "none" leaves the tools out of the prompt (the model cannot call what it never saw).
+    no_tools = {k: v for k, v in request.items() if k != "tools"}
+    got_none = httpx.post(server.url + "/tokenize", json={**request, "tool_choice": "none"}).json()
+    assert got_none["tokens"] in [render_chat_request(no_tools, d).token_ids for d in {before, after}]
     # The prompt generation uses is the same token count.
     r = client.chat.completions.create(**request, max_tokens=1)
     assert r.usage.prompt_tokens == got["count"]
@@ -140,8 +144,12 @@ def test_sdk_chat_non_streaming_with_tools_and_effort(client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert 0 <= r.usage.completion_tokens_details.reasoning_tokens <= r.usage.completion_tokens
     for text in (choice.message.content or "", choice.message.reasoning or ""):
-        assert "<|" not in text or "|>" not in text or all(
-            s not in text for s in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>")
+        assert (
+            "<|" not in text
+            or "|>" not in text
+            or all(
+                s not in text for s in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>")
+            )
         )
 
 
@@ -195,7 +203,9 @@ def test_unknown_fields_are_ignored(server):
 
 def test_completions_seeded_stop_and_logprobs(server, client):
     prompt = "<|start|>user<|message|>Say something<|end|><|start|>assistant"
-    kwargs = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, seed=123, extra_body={"ignore_eos": True})
+    kwargs = dict(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=1.0, seed=123, extra_body={"ignore_eos": True}
+    )
     a = client.completions.create(**kwargs)
     b = client.completions.create(**kwargs)
     assert a.choices[0].text == b.choices[0].text, "a seed makes sampling reproducible"
@@ -203,7 +213,11 @@ def test_completions_seeded_stop_and_logprobs(server, client):
     text = a.choices[0].text
     # A stop string in the middle of that same text truncates it there.
     stop = next(
-        (text[i : i + 3] for i in range(2, len(text) - 3) if text[i : i + 3].strip() and text.find(text[i : i + 3]) == i),
+        (
+            text[i : i + 3]
+            for i in range(2, len(text) - 3)
+            if text[i : i + 3].strip() and text.find(text[i : i + 3]) == i
+        ),
         None,
     )
     if stop is not None:
@@ -252,22 +266,37 @@ def test_errors(server):
     assert_error(httpx.post(url, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert_error(httpx.post(url, json={**ok, "reasoning_effort": "extreme"}), 400, "reasoning_effort")
-    err = assert_error(httpx.post(url, json={**ok, "tools": TOOLS, "tool_choice": "required"}), 400, "tool_choice")
+    err = assert_error(
+        httpx.post(url, json={**ok, "tools": TOOLS, "tool_choice": "required"}), 400, "tool_choice"
+    )
     assert "constrained decoding" in err["message"]
     named = {"type": "function", "function": {"name": "get_weather"}}
     assert_error(httpx.post(url, json={**ok, "tools": TOOLS, "tool_choice": named}), 400, "tool_choice")
     assert_error(httpx.post(url, json={**ok, "messages": [{"role": "tool", "content": "x"}]}), 400)
-    assert assert_error(httpx.post(url, json={**ok, "model": "gpt-5"}), 404, "model")["code"] == "model_not_found"
+    assert (
+        assert_error(httpx.post(url, json={**ok, "model": "gpt-5"}), 404, "model")["code"]
+        == "model_not_found"
+    )
     assert_error(httpx.get(server.url + "/v1/nothing"), 404)
     assert_error(httpx.delete(server.url + "/v1/models"), 405)
     long_prompt = {**ok, "messages": user("hello " * 1200), "max_tokens": 5}
     assert assert_error(httpx.post(url, json=long_prompt), 400)["code"] == "context_length_exceeded"
     huge = {**ok, "messages": user("x" * (MAX_BODY + 1))}
     assert_error(httpx.post(url, json=huge), 413)
+    chunked = (json.dumps(huge).encode()[i : i + 4096] for i in range(0, MAX_BODY + 4096, 4096))
+    assert_error(httpx.post(url, content=chunked, headers={"content-type": "application/json"}), 413)
     # x-request-id: echoed when sent, generated otherwise.
     r = httpx.get(server.url + "/v1/models", headers={"x-request-id": "my-trace-42"})
     assert r.headers["x-request-id"] == "my-trace-42"
     assert httpx.get(server.url + "/health").headers["x-request-id"].startswith("req-")
+
+    async def same_id_twice():
+        async with httpx.AsyncClient(timeout=30, headers={"x-request-id": "reused"}) as c:
+            return await asyncio.gather(*(c.post(url, json={**ok, "max_tokens": 8}) for _ in range(2)))
+
+    responses = asyncio.run(same_id_twice())
+    assert [r.status_code for r in responses] == [200, 200]
+    assert len({r.json()["id"] for r in responses}) == 2
 
 
 def test_sdk_maps_errors(client):
@@ -337,7 +366,9 @@ def test_load_200_streams_with_disconnects(server):
         if chat:
             assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         finishes = [c["choices"][0]["finish_reason"] for c in chunks]
-        assert finishes[-1] in ("stop", "length", "tool_calls") and finishes[:-1] == [None] * (len(finishes) - 1)
+        assert finishes[-1] in ("stop", "length", "tool_calls") and finishes[:-1] == [None] * (
+            len(finishes) - 1
+        )
         return "completed"
 
     async def main():
@@ -356,3 +387,8 @@ def test_load_200_streams_with_disconnects(server):
     wait_engine_idle(server, timeout=5.0)
     assert metric(server, "gptoss_num_requests_running") == 0
     assert metric(server, "gptoss_kv_cache_blocks_used") == 0
+
+
+def test_unloadable_model_exits_1(tmp_path):
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        ServerProcess(["--model", str(tmp_path / "missing")]).start()

@@ -27,7 +27,10 @@ WEATHER_TOOL = {
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
 }
-TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+TIME_TOOL = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
+}
 
 SCRIPT = {
     "rules": [
@@ -108,7 +111,9 @@ def test_reasoning_and_content_non_streaming(client, server):
     assert choice.message.tool_calls is None
     # "Thinking" "." "<|end|>" are analysis tokens; headers are not.
     assert r.usage.completion_tokens_details.reasoning_tokens == 3
-    scripted = httpx.post(server.url + "/tokenize", json={"prompt": SCRIPT["default"]}, headers=server.headers)
+    scripted = httpx.post(
+        server.url + "/tokenize", json={"prompt": SCRIPT["default"]}, headers=server.headers
+    )
     assert r.usage.completion_tokens == scripted.json()["count"]
 
 
@@ -288,7 +293,11 @@ def test_queue_full_is_429_with_retry_after(server):
                 stream = c.stream("POST", "/v1/chat/completions", json=body)
                 response = await stream.__aenter__()
                 if response.status_code != 200:
-                    refused = (response.status_code, dict(response.headers), json.loads(await response.aread()))
+                    refused = (
+                        response.status_code,
+                        dict(response.headers),
+                        json.loads(await response.aread()),
+                    )
                     await stream.__aexit__(None, None, None)
                     break
                 opened.append(stream)
@@ -303,3 +312,13 @@ def test_queue_full_is_429_with_retry_after(server):
     assert status == 429
     assert headers["retry-after"] == "1"
     assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "queue_full"
+
+
+def test_no_prompt_or_completion_text_in_logs(server, client):
+    client.chat.completions.create(
+        model=MODEL, messages=user("SCRIPT:weather secret-prompt-words"), tools=[WEATHER_TOOL]
+    )
+    log = server.log()
+    assert "POST /v1/chat/completions 200" in log
+    for text in ("secret-prompt-words", "User wants the weather", "Paris", API_KEY):
+        assert text not in log

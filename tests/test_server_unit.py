@@ -1,0 +1,199 @@
+"""Fast checks of the server's pure parts: flags/env, stop strings, and the Harmony output
+mapping checked against openai-harmony's own parser (the official implementation)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault(
+    "TIKTOKEN_ENCODINGS_BASE", str(Path(__file__).resolve().parents[1] / "harmony" / "data")
+)
+
+import openai_harmony as oh
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from harmony.tokenizer import load_tokenizer
+from server.cli import build_arg_parser, known_env_vars, parse_settings
+from server.errors import validation_message
+from server.harmony_output import HarmonyOutputMapper, OutputDelta
+from server.settings import DEFAULT_MODEL_NAME, parse_bytes
+from server.stop_strings import StopStringFilter
+
+# -- flags and environment -----------------------------------------------------------------------
+
+
+def test_defaults():
+    s = parse_settings([], environ={})
+    assert (s.host, s.port, s.model, s.api_keys, s.drain_timeout) == ("0.0.0.0", 8000, None, [], 30.0)
+    assert s.model_names() == [DEFAULT_MODEL_NAME]
+
+
+def test_env_vars_and_flags_win():
+    env = {
+        "GPTOSS_PORT": "9001",
+        "GPTOSS_API_KEY": "a, b",
+        "GPTOSS_KV_CACHE_MEMORY": "2GiB",
+        "GPTOSS_ENABLE_PREFIX_CACHING": "false",
+        "GPTOSS_DRAIN_TIMEOUT": "12.5",
+        "GPTOSS_SERVED_MODEL_NAME": "x,y",
+        "GPTOSS_MODEL": "/models/gpt-oss-20b",
+        "GPTOSS_LOG_REQUESTS": "yes",
+    }
+    s = parse_settings([], environ=env)
+    assert s.port == 9001 and s.api_keys == ["a", "b"] and s.kv_cache_memory == 2 * 2**30
+    assert s.enable_prefix_caching is False and s.drain_timeout == 12.5 and s.log_requests is True
+    assert s.model_names() == ["x", "y"]
+    s = parse_settings(["--port", "9002", "--api-key", "c", "--enable-prefix-caching"], environ=env)
+    assert s.port == 9002 and s.api_keys == ["c"] and s.enable_prefix_caching is True
+    assert parse_settings(["--model", "/m/gpt-oss-120b/"], environ={}).model_names() == ["gpt-oss-120b"]
+
+
+def test_bad_env_value_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_settings([], environ={"GPTOSS_MAX_NUM_SEQS": "many"})
+    assert "GPTOSS_MAX_NUM_SEQS" in capsys.readouterr().err
+
+
+def test_known_env_vars_cover_the_fixed_flags():
+    names = known_env_vars()
+    for flag in (
+        "host", "port", "model", "served-model-name", "dtype", "device", "kv-cache-memory", "max-num-seqs",
+        "max-num-batched-tokens", "max-model-len", "max-waiting", "max-body-bytes", "api-key", "log-level",
+        "drain-timeout",
+    ):  # fmt: skip
+        assert "GPTOSS_" + flag.replace("-", "_").upper() in names
+    assert build_arg_parser().prog == "gptoss-server"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1e9", 10**9), ("3 GB", 3 * 10**9), ("100", 100)],
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_parse_bytes_rejects_garbage():
+    for text in ("", "two gigs", "5XB", "0"):
+        with pytest.raises(ValueError):
+            parse_bytes(text)
+
+
+# -- stop strings ----------------------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="abcXY", max_size=40),
+    stops=st.lists(st.text(alphabet="abcXY", min_size=1, max_size=4), max_size=3),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+)
+def test_stop_filter_equals_truncating_the_whole_text(text, stops, cuts):
+    pieces, last = [], 0
+    for cut in sorted(set(cuts)):
+        pieces.append(text[last:cut])
+        last = max(last, cut)
+    pieces.append(text[last:])
+    f = StopStringFilter(stops)
+    out = "".join(f.feed(p) for p in pieces) + f.flush()
+    hits = [text.find(s) for s in stops if s in text]
+    assert out == (text[: min(hits)] if hits else text)
+    assert (f.stopped is not None) == bool(hits)
+
+
+# -- Harmony output mapping vs openai-harmony ------------------------------------------------------
+
+COMPLETIONS = [
+    "<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Answer é 東京<|return|>",
+    "<|channel|>analysis<|message|>Need a tool.<|end|><|start|>assistant to=functions.get_weather<|channel|>"
+    'commentary <|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+    "<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant to=functions.lookup<|channel|>"
+    "commentary json<|message|>{}<|call|>",
+    "<|channel|>analysis<|message|>One.<|end|><|start|>assistant<|channel|>analysis<|message|>Two.<|end|>"
+    "<|start|>assistant<|channel|>final<|message|>Done.<|return|>",
+    "<|channel|>final<|message|>no reasoning at all<|return|>",
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _encoding() -> oh.HarmonyEncoding:
+    return oh.load_harmony_encoding(oh.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+def _oracle(text: str) -> dict:
+    """The §11.8 mapping applied to openai-harmony's parse of the same tokens."""
+    enc = _encoding()
+    ids = load_tokenizer().encode_with_specials(text)
+    messages = enc.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)
+    reasoning, content, calls = [], [], []
+    for m in messages:
+        body = "".join(c.text for c in m.content)
+        if m.recipient and m.recipient.startswith("functions."):
+            calls.append((m.recipient.removeprefix("functions."), body))
+        elif m.channel == "analysis":
+            reasoning.append(body)
+        else:
+            content.append(body)
+    return {"reasoning": "\n".join(reasoning), "content": "\n".join(content), "calls": calls}
+
+
+@pytest.mark.parametrize("text", COMPLETIONS)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_mapping_matches_openai_harmony(text, chunk):
+    tokenizer = load_tokenizer()
+    ids = tokenizer.encode_with_specials(text)
+    mapper = HarmonyOutputMapper(tokenizer)
+    total = OutputDelta()
+    deltas = []
+    for start in range(0, len(ids), chunk):  # engine outputs may carry several tokens
+        step = OutputDelta()
+        for token_id in ids[start : start + chunk]:
+            step.extend(mapper.feed(token_id))
+        deltas.append(step)
+        total.extend(step)
+    total.extend(mapper.finish())
+    expected = _oracle(text)
+    assert total.reasoning == expected["reasoning"]
+    assert total.content == expected["content"]
+    assert [(c.name, c.arguments) for c in mapper.tool_calls] == expected["calls"]
+    # Streaming deltas: each call announced once (with its id), arguments concatenated.
+    announced = [tc for d in deltas for tc in d.tool_calls if tc.id is not None]
+    assert [(tc.index, tc.name) for tc in announced] == [(i, n) for i, (n, _) in enumerate(expected["calls"])]
+    assert all(tc.id.startswith("call_") for tc in announced)
+    assert mapper.ended_in_call == text.endswith("<|call|>")
+
+
+def test_reasoning_token_count_and_garbage():
+    tokenizer = load_tokenizer()
+    mapper = HarmonyOutputMapper(tokenizer)
+    ids = tokenizer.encode_with_specials("<|channel|>analysis<|message|>a b c<|end|>")
+    for t in ids:
+        mapper.feed(t)
+    assert mapper.reasoning_tokens == len(tokenizer.encode("a b c")) + 1  # content + <|end|>
+    # Random tokens (what random weights write) never raise and never leak control-token text.
+    rng = random.Random(0)
+    mapper = HarmonyOutputMapper(tokenizer)
+    total = OutputDelta()
+    for _ in range(3000):
+        total.extend(mapper.feed(rng.choice([rng.randrange(200_000), rng.randrange(199_998, 201_088)])))
+    total.extend(mapper.finish())
+    for text in [total.reasoning, total.content] + [c.arguments for c in mapper.tool_calls]:
+        for special in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"):
+            assert special not in text
+
+
+def test_validation_message_paths():
+    errors = [
+        {"loc": ("body", "messages", 0, "role"), "msg": "Input should be 'user'", "type": "literal_error"},
+        {"loc": ("body", "temperature"), "msg": "bad", "type": "float_type"},
+    ]
+    message, param = validation_message(errors)
+    assert param == "messages[0].role"
+    assert "messages[0].role: Input should be 'user'" in message and "temperature: bad" in message
+    assert validation_message([{"loc": ("body", 3), "msg": "x", "type": "json_invalid"}])[1] is None
