@@ -243,6 +243,8 @@ class LLMEngine:
             batch = self.runner.prepare(sched)
             t_fwd = time.perf_counter()
             logits = self.runner.forward(batch)
+            if self.device.type == "cuda":  # so the timing split is real (the sampler syncs anyway)
+                torch.cuda.synchronize(self.device)
             t_sample = time.perf_counter()
             forward_s = t_sample - t_fwd
             forced = None

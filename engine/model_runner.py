@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from model.batch import BatchMetadata
@@ -22,8 +23,12 @@ class PreparedBatch:
 
 
 def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Ragged block lists -> [S, width] int32 padded with NO_BLOCK (row copies run in C)."""
     width = max(1, max(len(r) for r in rows))
-    return torch.tensor([r + [NO_BLOCK] * (width - len(r)) for r in rows], dtype=torch.int32, device=device)
+    table = np.full((len(rows), width), NO_BLOCK, dtype=np.int32)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return torch.from_numpy(table).to(device)
 
 
 class ModelRunner:

@@ -7,6 +7,7 @@ single file or sharded. Tensors stay memory-mapped when dtype and device allow i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,8 +29,6 @@ def _find_layout(path: Path) -> tuple[str, Path, ModelConfig]:
     hf_has_weights = any(path.glob("*.safetensors"))
     if (path / "config.json").is_file() and hf_has_weights:
         config = ModelConfig.from_dir(path)
-        import json
-
         raw = json.loads((path / "config.json").read_text())
         if "model_type" not in raw and "num_experts" in raw:
             return "original", path, config  # path is an original/ directory itself

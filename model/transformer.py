@@ -46,6 +46,21 @@ class GptOssModel(torch.nn.Module):
         self.device = weights.embedding.device
         self.rope = YarnRope(config, self.device)
 
+    def weights_nbytes(self) -> int:
+        """Bytes of all weight tensors as held (packed experts count at 4.25 bits)."""
+        seen: set[int] = set()
+        total = 0
+        w = self.weights
+        tensors = [w.embedding, w.norm, w.unembedding]
+        for layer in w.layers:
+            tensors += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+            tensors += [v for v in vars(layer.experts).values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, meta: BatchMetadata, kv_cache: KVCache | None = None

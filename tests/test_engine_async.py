@@ -71,6 +71,9 @@ def test_streams_match_the_sync_engine(ckpt: Path, model: torch.nn.Module) -> No
             assert outs[-1].finish_reason == "length" and outs[-1].metrics is not None
         # Idle: the loop sleeps on its condition (no busy wait) and the pool is full.
         time.sleep(0.05)
+        cpu = time.process_time()
+        time.sleep(0.3)
+        assert time.process_time() - cpu < 0.05
         assert engine.engine.block_manager.all_free()
         assert engine.stats().num_running == 0 and engine.num_waiting == 0
     finally:
@@ -128,6 +131,39 @@ def test_queue_bound(ckpt: Path, model: torch.nn.Module) -> None:
                     engine.add_request(f"q{i}", [1, 2], p)
             assert engine.max_waiting == 1
             await collect(s1)
+
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+class _FlakyModel(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.failing = False
+
+    def forward(self, *args: object) -> torch.Tensor:
+        if self.failing:
+            raise RuntimeError("simulated failure")
+        return self.inner(*args)
+
+
+def test_a_failing_step_ends_streams_with_an_error(ckpt: Path, model: torch.nn.Module) -> None:
+    flaky = _FlakyModel(model)
+    engine = AsyncEngine(LLMEngine(config(ckpt), model=flaky))
+    engine.start()
+    try:
+
+        async def main() -> None:
+            flaky.failing = True
+            outs = await collect(engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+            assert outs[-1].finish_reason == "error" and "simulated failure" in (outs[-1].error or "")
+            assert engine.is_alive
+            flaky.failing = False
+            outs = await collect(engine.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+            assert outs[-1].finish_reason == "length"
 
         asyncio.run(main())
     finally:

@@ -93,7 +93,12 @@ class PagedPools:
         return torch.tensor([which[s] + [-1] * (width - len(which[s])) for s in seqs], dtype=torch.int32)
 
 
-def test_mixed_batches_of_chunks_and_decodes(small_model):
+@pytest.mark.parametrize("decode_group_keys", [None, 20])
+def test_mixed_batches_of_chunks_and_decodes(small_model, monkeypatch, decode_group_keys):
+    if decode_group_keys is not None:  # split batched decodes into several gather groups
+        import model.paged_attention as paged
+
+        monkeypatch.setattr(paged, "DECODE_KEYS_PER_GROUP", decode_group_keys)
     rng = random.Random(1)
     lengths = {0: 45, 1: 30, 2: 8, 3: 60}
     seqs = {s: [rng.randrange(VOCAB) for _ in range(n)] for s, n in lengths.items()}
@@ -171,3 +176,33 @@ def test_kv_cache_shapes_and_block_bytes():
     # 2048 bytes per token per layer (spec §6); 2 full layers (1, 3), 3 sliding (0, 2, 4)
     assert (full, sliding) == (2048 * 16 * 2, 2048 * 16 * 3)
     assert cache.nbytes() == 7 * full + 3 * sliding
+
+
+def test_query_tiles_give_the_same_logits(small_model, monkeypatch):
+    """Long prefills are attended in row tiles (bounded score memory); tiny tiles, each
+    reading only its visible keys, must give what one big tile gives."""
+    import model.paged_attention as paged
+
+    rng = random.Random(3)
+    toks = [rng.randrange(VOCAB) for _ in range(50)]
+    untiled = full_logits(small_model, toks)
+    steps: list[torch.Tensor] = []
+    greedy_generate(
+        small_model, toks[:30], 3, block_size=BLOCK, on_step=lambda i, lg: steps.append(lg.clone())
+    )
+    monkeypatch.setattr(paged, "SCORE_ELEMENTS_PER_HEAD", 40)  # 2-3 query rows per tile
+    plan = paged.build_plan(
+        BatchMetadata(
+            positions=torch.arange(50), query_start=torch.tensor([0, 50]), context_lens=torch.tensor([0]),
+            full_block_table=None, sliding_block_table=None, logits_indices=torch.arange(50),
+        ),
+        None, 1, WINDOW,
+    )  # fmt: skip
+    assert len(plan.prefill[0].tiles) > 10
+    assert all(t.key_end - t.key_start <= WINDOW + 3 for t in plan.prefill[0].tiles)  # sliding: window only
+    assert_close(full_logits(small_model, toks), untiled)
+    tiled_steps: list[torch.Tensor] = []
+    greedy_generate(
+        small_model, toks[:30], 3, block_size=BLOCK, on_step=lambda i, lg: tiled_steps.append(lg.clone())
+    )
+    assert_close(torch.stack(tiled_steps), torch.stack(steps))

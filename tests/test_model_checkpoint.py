@@ -188,3 +188,14 @@ def test_clear_errors_for_broken_checkpoints(tmp_path):
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nowhere")
+
+
+def test_repo_with_both_layouts_loads_the_hf_one(tmp_path):
+    """A full download holds the HF files at the root and the original ones in original/."""
+    root = make_checkpoint(tmp_path / "repo", preset="tiny", seed=6, **SMALL)
+    make_checkpoint(tmp_path / "repo", preset="tiny", layout="original", seed=6, **SMALL)
+    assert (root / "config.json").is_file() and (root / "original" / "model.safetensors").is_file()
+    ids, meta = torch.arange(10, 30), _prefill_meta(20)
+    both = load_model(root, dtype=torch.float32)(ids, meta, None)
+    only_original = load_model(root / "original", dtype=torch.float32)(ids, meta, None)
+    assert torch.equal(both, only_original)
