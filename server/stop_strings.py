@@ -22,10 +22,11 @@ class StopStringFilter:
         if not self._stops:
             return text
         buffer = self._pending + text
-        hits = [(buffer.find(s), s) for s in self._stops]
-        hits = [(i, s) for i, s in hits if i >= 0]
+        # The stop that completes first wins (generation would end there), whatever a longer
+        # stop starting earlier might have become; ties go to the one starting earliest.
+        hits = [(i + len(s), i, s) for s in self._stops if (i := buffer.find(s)) >= 0]
         if hits:
-            index, stop = min(hits)
+            _, index, stop = min(hits)
             self.stopped = stop
             self._pending = ""
             return buffer[:index]
