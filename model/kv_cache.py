@@ -1,4 +1,6 @@
-"""The paged KV cache: per layer, K and V as ``[num_blocks, block_size, n_kv_heads, head_dim]``.
+"""The paged KV cache: per layer, K and V as ``[num_blocks, n_kv_heads, block_size, head_dim]``.
+
+Head-major inside a block, so a gathered block is already laid out for the attention matmuls.
 
 Full-attention layers index the full pool and sliding-window layers the sliding pool; both
 pools use the same logical block numbering (``position // block_size``). The engine owns
@@ -35,7 +37,7 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         for layer in range(config.num_layers):
             n = num_sliding_blocks if config.is_sliding(layer) else num_full_blocks
-            shape = (n, block_size, config.num_kv_heads, config.head_dim)
+            shape = (n, config.num_kv_heads, block_size, config.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
 

@@ -68,24 +68,26 @@ def attention_with_sinks(
 ) -> torch.Tensor:
     """Grouped-query attention with one learned sink logit per head, all in fp32.
 
-    q [B, Tq, H, D]; k, v [B, Tk, KVH, D]; mask [B, Tq, Tk] bool (True = may attend);
+    q [B, Tq, H, D]; k, v [B, KVH, Tk, D] (head-major, as gathered from the cache);
+    mask [B, Tq, Tk] bool (True = may attend);
     sinks [H]. Query head h uses KV head h // (H/KVH). Returns [B, Tq, H, D] fp32.
     The sink is an extra softmax column (never scaled, never masked) that is then dropped,
     so the weights over real keys sum to less than one.
     """
     b, tq, h, d = q.shape
-    kvh = k.shape[2]
+    kvh, tk = k.shape[1], k.shape[2]
     g = h // kvh
-    qg = q.float().view(b, tq, kvh, g, d).permute(0, 2, 3, 1, 4)  # [B, KVH, G, Tq, D]
-    kk = k.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, KVH, 1, Tk, D]
-    vv = v.float().permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qg, kk.transpose(-1, -2)) * sm_scale  # [B, KVH, G, Tq, Tk]
+    # The G query heads of a KV head are stacked as rows of one matmul against that head's
+    # keys, so K and V are never broadcast (copied) G times.
+    qg = q.float().view(b, tq, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * tq, d)
+    scores = (torch.matmul(qg, k.float().transpose(-1, -2)) * sm_scale).view(b, kvh, g, tq, tk)
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    sink = sinks.float().view(1, kvh, g, 1, 1).expand(b, kvh, g, tq, 1)
-    combined = torch.cat([scores, sink], dim=-1)
-    combined = combined - combined.amax(dim=-1, keepdim=True)
-    probs = torch.softmax(combined, dim=-1)[..., :-1]
-    out = torch.matmul(probs, vv)  # [B, KVH, G, Tq, D]
+    # Softmax over [scores, sink] without materialising the extra column.
+    sink = sinks.float().view(1, kvh, g, 1, 1)
+    row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
+    probs = torch.exp(scores - row_max)
+    probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max))
+    out = torch.matmul(probs.view(b, kvh, g * tq, tk), v.float()).view(b, kvh, g, tq, d)
     return out.permute(0, 3, 1, 2, 4).reshape(b, tq, h, d)
 
 

@@ -3,10 +3,13 @@
 An ``AttentionPlan`` is built once per forward pass for each pool kind (full layers, sliding
 layers) from ``BatchMetadata``: where each new token's K/V goes (its slot), and, for each
 sequence, which cache slots hold its keys and which of them each query may see. All layers
-of a kind then reuse it. Sequences decoding one token are batched together: their keys are
-gathered padded to the longest context and attended in one masked call. Prefill chunks are
-attended one sequence at a time, in tiles of query rows so that the score tensor stays
-bounded for long prompts; each tile reads only the keys its queries can see.
+of a kind then reuse it. The cache is head-major (``[blocks, kv_heads, block_size, head_dim]``)
+so that gathering whole blocks with one ``index_select`` yields what the matmuls want,
+without a transposing copy. Sequences decoding one token are batched together: their blocks
+are gathered padded to the longest context and attended in one masked call, block by block
+in the batch dimensions. Prefill chunks are attended one sequence at a time, in tiles of
+query rows so that the score tensor stays bounded for long prompts; each tile reads only the
+keys its queries can see.
 
 Masks: causal (key position <= query position) and, on sliding layers, query - key <=
 window - 1 (the window includes the current token). Sliding layers gather only the keys a
@@ -33,8 +36,8 @@ class _Decode:
     """All single-token sequences of the step, batched."""
 
     rows: torch.Tensor  # [B] token row of each decode query
-    slots: torch.Tensor  # [B, Tk] int64 cache slots (padding points at slot 0, masked)
-    mask: torch.Tensor  # [B, 1, Tk] bool
+    blocks: torch.Tensor  # [B, NBLK] int64 physical blocks (padding points at block 0, masked)
+    mask: torch.Tensor  # [B, NBLK, 1, 1, block_size] bool, per key slot of the gathered blocks
 
 
 @dataclass
@@ -53,13 +56,16 @@ class _Tile:
 class _Prefill:
     row_start: int
     row_end: int
-    slots: torch.Tensor | None  # [Tk] cache slots of its keys; None = its own new tokens
+    blocks: torch.Tensor | None  # [NBLK] physical blocks holding its keys; None = its own new tokens
+    key_offset: int  # keys start this many slots into the first gathered block
+    num_keys: int
     tiles: list[_Tile]
 
 
 @dataclass
 class AttentionPlan:
-    write_slots: torch.Tensor | None  # [T] int64 flat slot of every new token; None = no cache
+    write_blocks: torch.Tensor | None  # [T] int64 physical block of every new token; None = no cache
+    write_offsets: torch.Tensor | None  # [T] int64 its slot within the block
     decode: list[_Decode]  # groups of decode sequences (bounded gathered-key memory)
     prefill: list[_Prefill]
 
@@ -73,10 +79,9 @@ def _window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -
     return mask
 
 
-def _slots(table: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Flat cache slot of (sequence, position)."""
-    block = table[seq, pos // block_size].long()
-    return block * block_size + pos % block_size
+def _physical_blocks(table: torch.Tensor, seq: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+    """Physical block of (sequence, logical block)."""
+    return table[seq, logical].long()
 
 
 def _tiles(
@@ -115,22 +120,24 @@ def _decode_group(
     window: int | None,
     device: torch.device,
 ) -> _Decode:
-    """Keys of a decode token at position p: [first, p], first = 0 or p - window + 1,
-    gathered padded to the group's widest range (padding masked, pointing at slot 0)."""
+    """Keys of a decode token at position p: [first, p], first = 0 or p - window + 1, read
+    as the whole blocks that hold them, padded to the group's widest block range (padding
+    masked, pointing at block 0)."""
     totals = [context_lens[s] + 1 for s in seqs]
     firsts = [0 if window is None else max(0, n - window) for n in totals]
-    width = max(n - f for n, f in zip(totals, firsts, strict=True))
+    first_blocks = [f // block_size for f in firsts]
+    last_blocks = [(n - 1) // block_size for n in totals]
+    width = max(last - first + 1 for first, last in zip(first_blocks, last_blocks, strict=True))
     seq_t = torch.tensor(seqs, device=device)
-    first_t = torch.tensor(firsts, device=device)
+    logical = torch.tensor(first_blocks, device=device)[:, None] + torch.arange(width, device=device)
+    in_table = logical <= torch.tensor(last_blocks, device=device)[:, None]  # [B, NBLK]
+    blocks = _physical_blocks(table, seq_t[:, None].expand_as(logical), torch.where(in_table, logical, 0))
+    blocks = torch.where(in_table, blocks, torch.zeros_like(blocks))
+    k_pos = logical[:, :, None] * block_size + torch.arange(block_size, device=device)  # [B, NBLK, bs]
     q_pos = torch.tensor([n - 1 for n in totals], device=device)
-    k_pos = first_t[:, None] + torch.arange(width, device=device)[None, :]  # [B, Tk]
-    valid = k_pos <= q_pos[:, None]
-    k_pos = torch.where(valid, k_pos, torch.zeros_like(k_pos))
-    slots = _slots(table, seq_t[:, None].expand_as(k_pos), k_pos, block_size)
-    slots = torch.where(valid, slots, torch.zeros_like(slots))
-    mask = _window_mask(q_pos[:, None], k_pos, window) & valid[:, None, :]
+    mask = _window_mask(q_pos[:, None], k_pos.reshape(len(seqs), -1), window)[:, 0]  # [B, NBLK*bs]
     rows = torch.tensor([starts[s] for s in seqs], device=device)
-    return _Decode(rows=rows, slots=slots, mask=mask)
+    return _Decode(rows=rows, blocks=blocks, mask=mask.view(len(seqs), width, 1, 1, block_size))
 
 
 def build_plan(
@@ -153,17 +160,18 @@ def build_plan(
         if any(c != 0 for c in context_lens):
             raise ValueError("without a KV cache the batch must be pure prefill (context_lens all 0)")
         prefill = [
-            _Prefill(starts[s], starts[s + 1], None, _tiles(starts[s], 0, n, 0, window, device))
+            _Prefill(starts[s], starts[s + 1], None, 0, n, _tiles(starts[s], 0, n, 0, window, device))
             for s, n in enumerate(query_lens)
             if n > 0
         ]
-        return AttentionPlan(write_slots=None, decode=[], prefill=prefill)
+        return AttentionPlan(write_blocks=None, write_offsets=None, decode=[], prefill=prefill)
 
     table = table.to(device)
     seq_of_token = torch.repeat_interleave(
         torch.arange(len(query_lens), device=device), torch.tensor(query_lens, device=device)
     )
-    write_slots = _slots(table, seq_of_token, meta.positions, block_size)
+    write_blocks = _physical_blocks(table, seq_of_token, meta.positions // block_size)
+    write_offsets = meta.positions % block_size
 
     decode_seqs = [s for s, n in enumerate(query_lens) if n == 1]
     decode = []
@@ -172,6 +180,7 @@ def build_plan(
     while decode_seqs:
         longest = context_lens[decode_seqs[0]] + 1
         width = longest if window is None else min(longest, window)
+        width = -(-width // block_size) * block_size + block_size  # whole blocks, worst alignment
         size = max(1, DECODE_KEYS_PER_GROUP // width)
         decode.append(
             _decode_group(decode_seqs[:size], context_lens, starts, table, block_size, window, device)
@@ -184,12 +193,11 @@ def build_plan(
             continue
         ctx = context_lens[s]
         first = 0 if window is None else max(0, ctx - window + 1)
-        k_pos = torch.arange(first, ctx + n, device=device)
-        slots = _slots(table, torch.full_like(k_pos, s), k_pos, block_size)
-        prefill.append(
-            _Prefill(starts[s], starts[s + 1], slots, _tiles(starts[s], ctx, n, first, window, device))
-        )
-    return AttentionPlan(write_slots=write_slots, decode=decode, prefill=prefill)
+        logical = torch.arange(first // block_size, (ctx + n - 1) // block_size + 1, device=device)
+        blocks = _physical_blocks(table, torch.full_like(logical, s), logical)
+        tiles = _tiles(starts[s], ctx, n, first, window, device)
+        prefill.append(_Prefill(starts[s], starts[s + 1], blocks, first % block_size, ctx + n - first, tiles))
+    return AttentionPlan(write_blocks, write_offsets, decode=decode, prefill=prefill)
 
 
 def paged_attention(
@@ -202,35 +210,64 @@ def paged_attention(
     sinks: torch.Tensor,
     sm_scale: float,
 ) -> torch.Tensor:
-    """q [T, H, D] fp32; k, v [T, KVH, D] (cache dtype). Writes k/v to the cache, then
-    attends. Returns [T, H, D] fp32."""
+    """q [T, H, D] fp32; k, v [T, KVH, D] (cache dtype); caches [blocks, KVH, block_size, D].
+    Writes k/v to the cache, then attends. Returns [T, H, D] fp32."""
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    k_flat = v_flat = None
-    if plan.write_slots is not None:
+    if plan.write_blocks is not None:
         assert k_cache is not None and v_cache is not None
-        kvh, d = k_cache.shape[2], k_cache.shape[3]
-        k_flat = k_cache.view(-1, kvh, d)
-        v_flat = v_cache.view(-1, kvh, d)
-        k_flat.index_copy_(0, plan.write_slots, k.to(k_flat.dtype))
-        v_flat.index_copy_(0, plan.write_slots, v.to(v_flat.dtype))
+        # Advanced indices split by a slice put the indexed dim first: [T, KVH, D], as k.
+        k_cache[plan.write_blocks, :, plan.write_offsets] = k.to(k_cache.dtype)
+        v_cache[plan.write_blocks, :, plan.write_offsets] = v.to(v_cache.dtype)
     for g in plan.decode:
-        assert k_flat is not None and v_flat is not None
-        keys = k_flat[g.slots]  # [B, Tk, KVH, D]
-        values = v_flat[g.slots]
-        out[g.rows] = attention_with_sinks(q[g.rows][:, None], keys, values, g.mask, sinks, sm_scale)[:, 0]
+        assert k_cache is not None and v_cache is not None
+        b, nblk = g.blocks.shape
+        keys = k_cache.index_select(0, g.blocks.view(-1)).view(b, nblk, *k_cache.shape[1:])
+        values = v_cache.index_select(0, g.blocks.view(-1)).view(b, nblk, *v_cache.shape[1:])
+        out[g.rows] = decode_attention_with_sinks(q[g.rows], keys, values, g.mask, sinks, sm_scale)
     for p in plan.prefill:
-        if p.slots is None:  # no cache: the sequence's own new tokens are its keys
-            keys, values = k[p.row_start : p.row_end], v[p.row_start : p.row_end]
+        if p.blocks is None:  # no cache: the sequence's own new tokens are its keys
+            keys = k[p.row_start : p.row_end].transpose(0, 1)
+            values = v[p.row_start : p.row_end].transpose(0, 1)
         else:
-            assert k_flat is not None and v_flat is not None
-            keys, values = k_flat[p.slots], v_flat[p.slots]
+            assert k_cache is not None and v_cache is not None
+            keys, values = (
+                cache.index_select(0, p.blocks)  # [NBLK, KVH, bs, D]
+                .transpose(0, 1)
+                .reshape(cache.shape[1], -1, cache.shape[3])[:, p.key_offset : p.key_offset + p.num_keys]
+                for cache in (k_cache, v_cache)
+            )
         for t in p.tiles:
             out[t.row_start : t.row_end] = attention_with_sinks(
                 q[None, t.row_start : t.row_end],
-                keys[None, t.key_start : t.key_end],
-                values[None, t.key_start : t.key_end],
+                keys[None, :, t.key_start : t.key_end],
+                values[None, :, t.key_start : t.key_end],
                 t.mask,
                 sinks,
                 sm_scale,
             )[0]
     return out
+
+
+def decode_attention_with_sinks(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """One query per sequence against its gathered blocks, in fp32, same maths as
+    ``attention_with_sinks``. q [B, H, D]; keys, values [B, NBLK, KVH, bs, D];
+    mask [B, NBLK, 1, 1, bs]. The blocks stay a batch dimension (no transposing copy of the
+    keys); the softmax runs over (block, slot) jointly. Returns [B, H, D]."""
+    b, nblk, kvh, _, d = keys.shape
+    g = q.shape[1] // kvh
+    qg = q.float().view(b, 1, kvh, g, d).expand(b, nblk, kvh, g, d)
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * sm_scale  # [B, NBLK, KVH, G, bs]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, 1, kvh, g, 1)
+    row_max = torch.maximum(scores.amax(dim=(1, 4), keepdim=True), sink)  # [B, 1, KVH, G, 1]
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(dim=(1, 4), keepdim=True) + torch.exp(sink - row_max)
+    out = torch.matmul(probs, values.float()).sum(dim=1) / denom[:, 0]  # [B, KVH, G, D]
+    return out.reshape(b, kvh * g, d)
