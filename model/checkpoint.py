@@ -25,7 +25,7 @@ import torch
 
 from .config import ORIGINAL_DIR_NAME, PRESETS, ModelConfig
 from .mxfp4 import BYTES_PER_BLOCK, SCALE_BIAS, VALUES_PER_BLOCK, dequantize_mxfp4
-from .safetensors_io import TensorSpec, write_safetensors
+from .safetensors_writer import TensorSpec, write_safetensors
 
 LAYOUTS = ("hf", "original", "hf-bf16")
 HF_SHARD_BYTES = 4_800_000_000  # HFV shards at 4.8 GB: the 20b gives 3 files

@@ -21,7 +21,7 @@ from server.generation import ClientGone, EngineSession, GenerationFailed, Shutt
 from server.harmony_output import HarmonyOutputMapper, OutputDelta
 from server.protocol import ChatCompletionRequest
 from server.responses import (
-    SSE_DESCRIPTION,
+    GENERATION_RESPONSES,
     AssistantMessage,
     ChatChoice,
     ChatCompletionResponse,
@@ -33,7 +33,6 @@ from server.responses import (
     ToolCallOut,
     TopLogprob,
     Usage,
-    documented_errors,
 )
 from server.sampling import build_sampling_params, stop_strings
 from server.sse import DONE, SSE_HEADERS, sse_error, sse_event
@@ -195,13 +194,7 @@ async def render_prompt(data: dict[str, Any], state: ServerState):
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
-    responses={
-        200: {
-            "description": SSE_DESCRIPTION,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        **documented_errors(400, 401, 404, 413, 429, 500, 503),
-    },
+    responses=GENERATION_RESPONSES,
     summary="Create a chat completion (Harmony reasoning and tool calls mapped to OpenAI fields)",
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request):

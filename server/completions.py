@@ -19,13 +19,12 @@ from server.errors import APIError
 from server.generation import ClientGone, EngineSession, GenerationFailed, ShuttingDown
 from server.protocol import CompletionRequest
 from server.responses import (
-    SSE_DESCRIPTION,
+    GENERATION_RESPONSES,
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
     PromptTokensDetails,
     Usage,
-    documented_errors,
 )
 from server.sampling import build_sampling_params, stop_strings
 from server.sse import DONE, SSE_HEADERS, sse_error, sse_event
@@ -119,13 +118,7 @@ def _usage(states: list[TextChoiceState], n: int) -> Usage:
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses={
-        200: {
-            "description": SSE_DESCRIPTION,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        **documented_errors(400, 401, 404, 413, 429, 500, 503),
-    },
+    responses=GENERATION_RESPONSES,
     summary="Create a raw text completion of a (Harmony) prompt",
 )
 async def completions(body: CompletionRequest, request: Request):

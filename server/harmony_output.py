@@ -7,7 +7,9 @@ non-streaming message, so both paths share this code:
   client cannot run) -> ``reasoning``;
 - final, recipient-less commentary (a preamble) and channel-less text -> ``content``;
 - recipient ``functions.NAME`` -> a tool call (id ``call_...``, name, raw argument text);
-- a new message in a field that already holds text is separated by ``\n``.
+- a new message in a field that already holds text is separated by ``\n``;
+- a message the model writes under another author (a made-up user, system or tool turn) is
+  not the assistant speaking: its text goes nowhere (and is counted as a problem).
 The parser drops control tokens from content, so special-token text never reaches a field.
 """
 
@@ -120,6 +122,11 @@ class HarmonyOutputMapper:
             setattr(delta, kind, getattr(delta, kind) + "\n")
 
     def _on_text(self, event: TextDelta, logprob: TokenLogprob | None, delta: OutputDelta) -> None:
+        if event.role != "assistant":
+            if self._message_field is None:
+                self._message_field = "dropped"
+                self.problems.append(f"text of a message by {event.role!r} dropped")
+            return
         if self._message_field is None:
             self._start_message(event.channel, event.recipient, delta)
         kind = self._message_field
@@ -138,6 +145,7 @@ class HarmonyOutputMapper:
         message = event.message
         if (
             self._message_field is None
+            and message.role == "assistant"
             and message.recipient
             and message.recipient.startswith(FUNCTIONS_PREFIX)
         ):

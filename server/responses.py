@@ -161,3 +161,10 @@ def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         503: "Not ready or draining; retry after `Retry-After` seconds",
     }
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
+
+
+# The documented responses of a generation endpoint: JSON, or SSE with `stream: true`.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": SSE_DESCRIPTION, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **documented_errors(400, 401, 404, 413, 429, 500, 503),
+}
