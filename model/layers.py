@@ -91,6 +91,42 @@ def attention_with_sinks(
     return out.permute(0, 3, 1, 2, 4).reshape(b, tq, h, d)
 
 
+def _cpu_flash_attention_op():
+    """PyTorch's fused CPU attention kernel that also returns the log-sum-exp (None if this
+    build has none). Private to ATen, hence looked up defensively."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def fused_attention_with_sinks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    """``attention_with_sinks`` through a fused (flash) kernel, same arguments and result.
+
+    The kernel knows nothing of sinks, but it returns each row's log-sum-exp L over the real
+    keys, and a sink S only rescales the softmax: weights with the sink are the weights
+    without it times sum(e^s) / (sum(e^s) + e^S) = sigmoid(L - S). Exact maths, fp32, no
+    score tensor in memory. Used where the kernel exists (the CPU); ``attention_with_sinks``
+    stays the portable reference it is tested against.
+    """
+    op = _cpu_flash_attention_op()
+    if op is None or q.device.type != "cpu":
+        return attention_with_sinks(q, k, v, mask, sinks, sm_scale)
+    g = q.shape[2] // k.shape[1]
+    qh = q.float().transpose(1, 2)  # [B, H, Tq, D]
+    kh = k.float().repeat_interleave(g, dim=1)  # query head h reads KV head h // g
+    vh = v.float().repeat_interleave(g, dim=1)
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
+    bias = bias.masked_fill_(~mask, float("-inf"))[:, None]  # [B, 1, Tq, Tk]
+    out, lse = op(qh, kh, vh, 0.0, False, attn_mask=bias, scale=sm_scale)
+    keep = torch.sigmoid(lse - sinks.float().view(1, -1, 1))  # [B, H, Tq]
+    return (out * keep[..., None]).transpose(1, 2)
+
+
 @dataclass
 class ExpertWeights:
     """One layer's experts. Either packed MXFP4 in [E, out, in] order (dequantized per use)

@@ -9,7 +9,7 @@ without a transposing copy. Sequences decoding one token are batched together: t
 are gathered padded to the longest context and attended in one masked call, block by block
 in the batch dimensions. Prefill chunks are attended one sequence at a time, in tiles of
 query rows so that the score tensor stays bounded for long prompts; each tile reads only the
-keys its queries can see.
+keys its queries can see, through a fused kernel where the device has one.
 
 Masks: causal (key position <= query position) and, on sliding layers, query - key <=
 window - 1 (the window includes the current token). Sliding layers gather only the keys a
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import BatchMetadata
-from .layers import attention_with_sinks
+from .layers import fused_attention_with_sinks
 
 # Upper bound on attention scores materialised at once per query head (rows x keys).
 SCORE_ELEMENTS_PER_HEAD = 1 << 20
@@ -237,7 +237,7 @@ def paged_attention(
                 for cache in (k_cache, v_cache)
             )
         for t in p.tiles:
-            out[t.row_start : t.row_end] = attention_with_sinks(
+            out[t.row_start : t.row_end] = fused_attention_with_sinks(
                 q[None, t.row_start : t.row_end],
                 keys[None, :, t.key_start : t.key_end],
                 values[None, :, t.key_start : t.key_end],
