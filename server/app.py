@@ -36,7 +36,7 @@ def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
     from engine.config import EngineConfig
 
     if settings.model is None:
-        from server.default_model import ensure_default_checkpoint
+        from engine.default_model import ensure_default_checkpoint
 
         model_dir = str(ensure_default_checkpoint(settings.cache_dir))
     else:

@@ -1,6 +1,6 @@
 """The embedded default model: a tiny random-weight gpt-oss checkpoint, generated once and cached.
 
-It lets ``python -m server`` run the whole pipeline on a fresh machine without downloads.
+It lets the server (``python -m server`` without ``--model``) run the whole pipeline on a fresh machine without downloads.
 Generation goes into a temporary folder next to the target and is renamed into place, so
 two servers starting at once never see a half-written checkpoint.
 """
@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-logger = logging.getLogger("server.default_model")
+logger = logging.getLogger("engine.default_model")
 
 DEFAULT_PRESET = "tiny"
 DEFAULT_SEED = 0
