@@ -16,7 +16,7 @@ from engine.types import RequestOutput
 from harmony import tokens
 from harmony.tokenizer import HarmonyTokenizer, IncrementalDecoder
 from server.errors import APIError
-from server.generation import ClientGone, EngineSession, GenerationFailed, ShuttingDown
+from server.generation import ClientGone, EngineSession, GenerationFailed, ShuttingDown, stream_error_event
 from server.protocol import CompletionRequest
 from server.responses import (
     GENERATION_RESPONSES,
@@ -27,7 +27,7 @@ from server.responses import (
     Usage,
 )
 from server.sampling import build_sampling_params, stop_strings
-from server.sse import DONE, SSE_HEADERS, sse_error, sse_event
+from server.sse import DONE, SSE_HEADERS, sse_event
 from server.state import ServerState, get_state, request_id_of
 from server.stop_strings import StopStringFilter
 
@@ -252,19 +252,8 @@ async def _stream(
         if include_usage:
             yield chunk([], usage=_usage(states, n).model_dump())
         yield DONE
-    except ShuttingDown:
-        yield sse_error(503, "The server is shutting down; the request was aborted.", "draining")
-        yield DONE
-    except APIError as exc:
-        yield sse_error(exc.status, exc.message, exc.code)
-        yield DONE
-    except GenerationFailed as exc:
-        logger.error("%s: %s", request_id, exc)
-        yield sse_error(500, f"Generation failed (request id {request_id}).")
-        yield DONE
-    except Exception:  # a bug: still end the stream properly, never cut it silently
-        logger.exception("%s: streaming failed", request_id)
-        yield sse_error(500, f"Internal server error (request id {request_id}).")
+    except Exception as exc:  # never cut a stream silently: an error event, then [DONE]
+        yield stream_error_event(exc, request_id)
         yield DONE
     finally:
         session.close()

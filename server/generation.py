@@ -23,6 +23,7 @@ from engine.types import (
 from server.errors import APIError
 from server.lifecycle import DrainController
 from server.metrics import ServerMetrics
+from server.sse import sse_error
 
 logger = logging.getLogger("server.generation")
 
@@ -42,6 +43,20 @@ class ClientGone(Exception):
 
 class GenerationFailed(Exception):
     """The engine reported an error for a request (a real fault: 500)."""
+
+
+def stream_error_event(exc: Exception, request_id: str) -> bytes:
+    """The SSE error event that ends a stream which failed after its 200 status line went out
+    (always followed by ``[DONE]``: a stream is never cut silently)."""
+    if isinstance(exc, ShuttingDown):
+        return sse_error(503, "The server is shutting down; the request was aborted.", "draining")
+    if isinstance(exc, APIError):
+        return sse_error(exc.status, exc.message, exc.code)
+    if isinstance(exc, GenerationFailed):
+        logger.error("%s: %s", request_id, exc)
+        return sse_error(500, f"Generation failed (request id {request_id}).")
+    logger.error("%s: streaming failed", request_id, exc_info=exc)  # a bug
+    return sse_error(500, f"Internal server error (request id {request_id}).")
 
 
 def record_engine_metrics(metrics: ServerMetrics, out: RequestOutput) -> None:

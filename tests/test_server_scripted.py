@@ -283,11 +283,13 @@ def test_auth(server):
 
 
 def test_queue_full_is_429_with_retry_after(server):
-    """--max-num-seqs 2 --max-waiting 2: once 2 run and 2 wait, the next request is refused."""
+    """--max-num-seqs 2 --max-waiting 2: once 2 run and 2 wait, the next request is refused.
+    The streams last ~20 s (1000 slow tokens), so a slow machine cannot see them finish before
+    all six are opened; closing them aborts them."""
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30) as c:
-            body = {"messages": user("SCRIPT:slow"), "max_tokens": 60, "stream": True}
+            body = {"messages": user("SCRIPT:slow"), "max_tokens": 1000, "stream": True}
             opened, refused = [], None
             for _ in range(6):
                 stream = c.stream("POST", "/v1/chat/completions", json=body)
