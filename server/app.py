@@ -49,9 +49,12 @@ def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
         logger.warning(
             "TEST MODE: outputs are scripted by %s (the model still runs)", settings.scripted_tokens
         )
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if settings.device.startswith("cuda") else "float32"
     config = EngineConfig(
         model_dir=model_dir,
-        dtype=settings.dtype,
+        dtype=dtype,
         device=settings.device,
         block_size=settings.block_size,
         kv_cache_memory=settings.kv_cache_memory,
@@ -64,7 +67,7 @@ def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
         token_source=token_source,
         seed=settings.seed,
     )
-    logger.info("loading model %s (dtype %s, device %s)", model_dir, settings.dtype, settings.device)
+    logger.info("loading model %s (dtype %s, device %s)", model_dir, dtype, settings.device)
     engine = AsyncEngine(config)
     engine.start()
     return engine

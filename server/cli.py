@@ -60,7 +60,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="name(s) clients use in `model` (repeatable; default: the model folder's name)",
     )
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
     p.add_argument("--device", default=d.device, help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument(
         "--kv-cache-memory", type=_size, default=None, help="KV cache budget, e.g. 2GiB (default: engine's)"

@@ -50,7 +50,7 @@ class ServerSettings:
     port: int = 8000
     model: str | None = None  # checkpoint folder; None = the embedded random-weight default
     served_model_name: list[str] = field(default_factory=list)  # empty = derived from the model
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 elsewhere (exact on CPU)
     device: str = "cpu"
     kv_cache_memory: int | None = None  # bytes; None = the engine's default
     block_size: int = 16

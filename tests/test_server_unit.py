@@ -32,6 +32,7 @@ def test_defaults():
     s = parse_settings([], environ={})
     assert (s.host, s.port, s.model, s.api_keys, s.drain_timeout) == ("0.0.0.0", 8000, None, [], 30.0)
     assert s.model_names() == [DEFAULT_MODEL_NAME]
+    assert s.dtype == "auto"  # bfloat16 on CUDA, float32 (exact) elsewhere
 
 
 def test_env_vars_and_flags_win():
