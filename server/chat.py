@@ -17,7 +17,7 @@ from harmony import tokens
 from harmony.render import RenderError, render_chat_request
 from harmony.tokenizer import HarmonyTokenizer
 from server.errors import APIError
-from server.generation import ClientGone, EngineSession, GenerationFailed, ShuttingDown, stream_error_event
+from server.generation import EngineSession, run_to_end, stream_error_event
 from server.harmony_output import HarmonyOutputMapper, OutputDelta
 from server.protocol import ChatCompletionRequest
 from server.responses import (
@@ -245,15 +245,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         )
     session.watch_disconnect(request.receive)
     try:
-        await _run_to_end(session, states)
-    except ShuttingDown as exc:
-        raise APIError(503, "The server is shutting down; the request was aborted.", code="draining") from exc
-    except GenerationFailed as exc:
-        logger.error("%s: %s", request_id, exc)
-        raise APIError(500, f"Generation failed (request id {request_id}).") from exc
-    except ClientGone as exc:
-        logger.info("%s: client disconnected; generation aborted", request_id)
-        raise APIError(499, "Client closed the request.", code="client_closed") from exc
+        await run_to_end(session, states, request_id)
     finally:
         session.close()
         _account(state, states, request_id)
@@ -276,14 +268,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         ],
         usage=_usage(states),
     )
-
-
-async def _run_to_end(session: EngineSession, states: list[ChatChoiceState]) -> None:
-    while (item := await session.next_output()) is not None:
-        index, out = item
-        states[index].on_output(out)
-        if states[index].stop.stopped is not None:
-            session.finish_early(index)
 
 
 def _account(state: ServerState, states: list[ChatChoiceState], request_id: str) -> None:

@@ -16,7 +16,7 @@ from engine.types import RequestOutput
 from harmony import tokens
 from harmony.tokenizer import HarmonyTokenizer, IncrementalDecoder
 from server.errors import APIError
-from server.generation import ClientGone, EngineSession, GenerationFailed, ShuttingDown, stream_error_event
+from server.generation import EngineSession, run_to_end, stream_error_event
 from server.protocol import CompletionRequest
 from server.responses import (
     GENERATION_RESPONSES,
@@ -167,18 +167,7 @@ async def completions(body: CompletionRequest, request: Request):
         )
     session.watch_disconnect(request.receive)
     try:
-        while (item := await session.next_output()) is not None:
-            index, out = item
-            states[index].on_output(out)
-            if states[index].stop.stopped is not None:
-                session.finish_early(index)
-    except ShuttingDown as exc:
-        raise APIError(503, "The server is shutting down; the request was aborted.", code="draining") from exc
-    except GenerationFailed as exc:
-        logger.error("%s: %s", request_id, exc)
-        raise APIError(500, f"Generation failed (request id {request_id}).") from exc
-    except ClientGone as exc:
-        raise APIError(499, "Client closed the request.", code="client_closed") from exc
+        await run_to_end(session, states, request_id)
     finally:
         session.close()
         _account(state, states, body.n, request_id)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
 
 from engine.types import (
     EngineDeadError,
@@ -43,6 +43,33 @@ class ClientGone(Exception):
 
 class GenerationFailed(Exception):
     """The engine reported an error for a request (a real fault: 500)."""
+
+
+class Choice(Protocol):
+    """What a route keeps per choice: it takes outputs and may match a stop string."""
+
+    stop: Any  # a StopStringFilter: ``stopped`` is set once a stop string matched
+
+    def on_output(self, out: RequestOutput) -> Any: ...
+
+
+async def run_to_end(session: EngineSession, choices: Sequence[Choice], request_id: str) -> None:
+    """Non-streaming: feed every output to its choice until all finish (a choice whose stop
+    string matched is aborted at once); failures become the HTTP error they mean."""
+    try:
+        while (item := await session.next_output()) is not None:
+            index, out = item
+            choices[index].on_output(out)
+            if choices[index].stop.stopped is not None:
+                session.finish_early(index)
+    except ShuttingDown as exc:
+        raise APIError(503, "The server is shutting down; the request was aborted.", code="draining") from exc
+    except GenerationFailed as exc:
+        logger.error("%s: %s", request_id, exc)
+        raise APIError(500, f"Generation failed (request id {request_id}).") from exc
+    except ClientGone as exc:
+        logger.info("%s: client disconnected; generation aborted", request_id)
+        raise APIError(499, "Client closed the request.", code="client_closed") from exc
 
 
 def stream_error_event(exc: Exception, request_id: str) -> bytes:
