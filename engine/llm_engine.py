@@ -13,6 +13,7 @@ from model.kv_cache import KVCache
 
 from .block_manager import KVBlockManager
 from .config import EngineConfig
+from .host_memory import keep_freed_memory
 from .kv_plan import plan_kv_cache
 from .model_runner import ModelRunner
 from .sampler import Sampler
@@ -84,6 +85,8 @@ class LLMEngine:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
+        if self.device.type == "cpu":
+            keep_freed_memory()  # before the weights load, so steps reuse pages (see host_memory)
         if model is None:
             from model.loader import load_model
 

@@ -1,6 +1,8 @@
-"""The paged KV cache: per layer, K and V as ``[num_blocks, n_kv_heads, block_size, head_dim]``.
+"""The paged KV cache: per layer, K and V as ``[n_kv_heads, num_blocks, block_size, head_dim]``.
 
-Head-major inside a block, so a gathered block is already laid out for the attention matmuls.
+KV heads outermost: gathering a sequence's blocks (``index_select`` on dim 1) yields each
+head's keys as one contiguous ``[tokens, head_dim]`` run, which is what the attention
+matmuls want, without a transposing copy.
 
 Full-attention layers index the full pool and sliding-window layers the sliding pool; both
 pools use the same logical block numbering (``position // block_size``). The engine owns
@@ -37,7 +39,7 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         for layer in range(config.num_layers):
             n = num_sliding_blocks if config.is_sliding(layer) else num_full_blocks
-            shape = (n, config.num_kv_heads, block_size, config.head_dim)
+            shape = (config.num_kv_heads, n, block_size, config.head_dim)
             self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
             self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
 

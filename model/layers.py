@@ -52,10 +52,20 @@ class YarnRope:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] (fp32), cos/sin [T, head_dim/2]."""
+        """x [T, heads, head_dim] (any float dtype), cos/sin [T, head_dim/2] -> fp32.
+        Written into one output with no concatenation or upcast copy of x: on long
+        prefills this runs over tens of MB per layer, so passes over memory are what
+        it costs."""
         cos, sin = cos[:, None, :], sin[:, None, :]
-        first, second = torch.chunk(x, 2, dim=-1)
-        return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+        half = x.shape[-1] // 2
+        first, second = x[..., :half], x[..., half:]
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        out_first, out_second = out[..., :half], out[..., half:]
+        torch.mul(first, cos, out=out_first)
+        out_first.sub_(second * sin)
+        torch.mul(second, cos, out=out_second)
+        out_second.add_(first * sin)
+        return out
 
 
 def attention_with_sinks(
@@ -116,10 +126,9 @@ def fused_attention_with_sinks(
     op = _cpu_flash_attention_op()
     if op is None or q.device.type != "cpu":
         return attention_with_sinks(q, k, v, mask, sinks, sm_scale)
-    g = q.shape[2] // k.shape[1]
     qh = q.float().transpose(1, 2)  # [B, H, Tq, D]
-    kh = k.float().repeat_interleave(g, dim=1)  # query head h reads KV head h // g
-    vh = v.float().repeat_interleave(g, dim=1)
+    # Grouped-query attention natively: query head h reads KV head h // (H / KVH).
+    kh, vh = k.float(), v.float()
     bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device)
     bias = bias.masked_fill_(~mask, float("-inf"))[:, None]  # [B, 1, Tq, Tk]
     out, lse = op(qh, kh, vh, 0.0, False, attn_mask=bias, scale=sm_scale)
@@ -197,8 +206,11 @@ def moe(
 ) -> torch.Tensor:
     """y [T, H] (normed) -> sum over the chosen experts of w_e * expert_e(y), in y's dtype.
 
-    Tokens are grouped by expert (one sort), and only experts that received tokens run
-    (and, when packed, get dequantized). The per-expert counts need one host sync.
+    The T*k (token, expert) pairs are sorted by expert (one sort) and their inputs gathered
+    once, so each expert that received tokens costs two matmuls writing into its own rows of
+    shared buffers (only those experts run and, when packed, get dequantized); the SwiGLU, the
+    routing weights and the scatter back to tokens each run once over all pairs. The
+    per-expert counts need one host sync.
     """
     t, k = y.shape[0], config.experts_per_token
     weights, ids = route(y, router_weight, router_bias, k)
@@ -206,18 +218,21 @@ def moe(
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=config.num_experts).tolist()
     token_of = order // k
-    weight_of = weights.reshape(-1)[order]
-    out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
+    x = y.index_select(0, token_of)  # [T*k, H], expert by expert
+    mlp1_bias = experts.mlp1_bias.to(y.dtype)
+    mlp2_bias = experts.mlp2_bias.to(y.dtype)
+    h = torch.empty(t * k, mlp1_bias.shape[1], dtype=y.dtype, device=y.device)
+    spans = []
     start = 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = token_of[start : start + n]
-        w = weight_of[start : start + n]
-        start += n
-        x = y.index_select(0, rows)
-        h = torch.addmm(experts.mlp1_bias[e].to(y.dtype), x, experts.mlp1(e, y.dtype))
-        a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)
-        o = torch.addmm(experts.mlp2_bias[e].to(y.dtype), a, experts.mlp2(e, y.dtype))
-        out.index_add_(0, rows, o.float() * w[:, None])
-    return out.to(y.dtype)
+        if n:
+            spans.append((e, start, start + n))
+            torch.addmm(mlp1_bias[e], x[start : start + n], experts.mlp1(e, y.dtype), out=h[start : start + n])
+            start += n
+    a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)  # [T*k, I]
+    o = torch.empty(t * k, y.shape[1], dtype=y.dtype, device=y.device)
+    for e, lo, hi in spans:
+        torch.addmm(mlp2_bias[e], a[lo:hi], experts.mlp2(e, y.dtype), out=o[lo:hi])
+    weighted = o.float() * weights.reshape(-1)[order][:, None]
+    out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
+    return out.index_add_(0, token_of, weighted).to(y.dtype)

@@ -87,10 +87,10 @@ class GptOssModel(torch.nn.Module):
             # Attention half.
             y = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = torch.nn.functional.linear(y, layer.qkv_weight, layer.qkv_bias)
-            q = qkv[:, : c.q_dim].view(t, c.num_heads, c.head_dim).float()
-            k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].view(t, c.num_kv_heads, c.head_dim).float()
+            q = qkv[:, : c.q_dim].view(t, c.num_heads, c.head_dim)
+            k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].view(t, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_dim + c.kv_dim :].view(t, c.num_kv_heads, c.head_dim)
-            q = YarnRope.apply(q, cos, sin)
+            q = YarnRope.apply(q, cos, sin)  # fp32
             # K is stored (and attended) in the model dtype whether or not it goes through the
             # cache, so cached decode and full recomputation see the same keys.
             k = YarnRope.apply(k, cos, sin).to(self.dtype)

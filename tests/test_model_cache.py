@@ -171,7 +171,7 @@ def test_no_cache_requires_pure_prefill(small_model):
 def test_kv_cache_shapes_and_block_bytes():
     config = ModelConfig(num_layers=5, num_kv_heads=8, head_dim=64)
     cache = KVCache(config, block_size=16, num_full_blocks=7, num_sliding_blocks=3, dtype=torch.bfloat16)
-    assert cache.k[0].shape == (3, 8, 16, 64) and cache.v[1].shape == (7, 8, 16, 64)  # layer 0 sliding
+    assert cache.k[0].shape == (8, 3, 16, 64) and cache.v[1].shape == (8, 7, 16, 64)  # layer 0 sliding
     full, sliding = KVCache.bytes_per_block(config, 16, torch.bfloat16)
     # 2048 bytes per token per layer (spec §6); 2 full layers (1, 3), 3 sliding (0, 2, 4)
     assert (full, sliding) == (2048 * 16 * 2, 2048 * 16 * 3)
