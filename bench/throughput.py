@@ -71,12 +71,34 @@ def level_workload(workload: list[Request], concurrency: int, per_slot: int) -> 
     return workload[: per_slot * concurrency] if per_slot else workload
 
 
-def active_params_per_token(c: ModelConfig) -> int:
-    """Weights one token multiplies through (embedding lookup excluded, unembedding included)."""
+def layer_params_per_token(c: ModelConfig) -> int:
+    """Weights one token multiplies through in the layers: attention projections, router
+    and its k experts (embedding lookup and unembedding excluded)."""
     attn = c.hidden_size * c.qkv_dim + c.q_dim * c.hidden_size
     router = c.num_experts * c.hidden_size
     experts = c.experts_per_token * (c.hidden_size * 2 * c.intermediate_size + c.intermediate_size * c.hidden_size)
-    return c.num_layers * (attn + router + experts) + c.vocab_size * c.hidden_size
+    return c.num_layers * (attn + router + experts)
+
+
+def workload_flops(c: ModelConfig, workload: list[Request]) -> float:
+    """Model FLOPs the workload needs, counted once (recomputation after a preemption is
+    not useful work and is not counted): every position a request feeds through the layers
+    (its prompt and every output token but the last) costs 2 x the layer weights plus the
+    attention matmuls over the keys it sees (QK and PV: 4 x q_dim per key, the window on
+    sliding layers); every output token costs one unembedding (2 x vocab x hidden), as the
+    model computes logits only for rows that yield a token."""
+    layer = 2 * layer_params_per_token(c)
+    head = 2 * c.vocab_size * c.hidden_size
+    n_full, n_sliding = len(c.full_layers), len(c.sliding_layers)
+    total = 0.0
+    for r in workload:
+        n = len(r.prompt) + r.output_len - 1  # positions fed through the layers
+        keys_full = n * (n + 1) / 2  # position t sees t + 1 keys
+        w = c.sliding_window or n
+        m = min(n, w)
+        keys_sliding = m * (m + 1) / 2 + (n - m) * w
+        total += n * layer + 4 * c.q_dim * (n_full * keys_full + n_sliding * keys_sliding) + r.output_len * head
+    return total
 
 
 def matmul_roofline(dtype: torch.dtype, device: torch.device, n: int) -> float:
@@ -237,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     # Engine: one model, a fresh engine (and KV cache) per level.
     base = LLMEngine(engine_config(args, model_dir, max([*levels, 64])))
     model = base.model
-    flops_per_token = 2 * active_params_per_token(base.model_config)
+    model_config = base.model_config
     base.add_request("warmup", list(range(1, 40)), SamplingParams(temperature=0, max_tokens=4))
     while base.has_unfinished():
         base.step()
@@ -275,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in levels:
         e = engine_results[c]
         h = hf_results.get(c)
-        fraction = e.computed_tokens * flops_per_token / e.elapsed_s / roofline
+        level_flops = workload_flops(model_config, level_workload(workload, c, args.requests_per_slot))
+        fraction = level_flops / e.elapsed_s / roofline
         ratio = e.tok_s / h.tok_s if h else None
         summary[str(c)] = {
             "engine_tok_s": round(e.tok_s, 3),

@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from engine.sampler import Sampler
+import pytest
+
+from engine.sampler import ARGMAX_CHUNK, Sampler, greedy_argmax
 from engine.sequence import Sequence
 from engine.types import RequestMetrics, SamplingParams
 
@@ -125,3 +127,26 @@ def test_forced_tokens_keep_model_logprobs() -> None:
     assert out.token_ids == [5]
     lp = out.logprobs[0]
     assert lp is not None and math.isclose(lp.logprob, torch.log_softmax(x, -1)[0, 5].item(), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [1, 7, ARGMAX_CHUNK, ARGMAX_CHUNK + 1, 3 * ARGMAX_CHUNK, 201088])
+def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
+    """The rule: the first index of each row's maximum, NaN counting as the maximum, for any
+    vocabulary size and any placement of ties (within a chunk, across chunks, in the short
+    last chunk), for float32 and bfloat16 logits."""
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(20):
+        rows = 1 + trial % 5
+        x = torch.randn(rows, vocab, generator=g)
+        if trial % 4 == 1:  # few distinct values: ties everywhere
+            x = torch.randint(0, 3, (rows, vocab), generator=g).float()
+        if trial % 4 == 2 and vocab > 1:  # the maximum repeated at random places
+            for r in range(rows):
+                idx = torch.randint(0, vocab, (3,), generator=g)
+                x[r, idx] = x[r].max() + 1
+        if trial % 4 == 3:
+            x[0, torch.randint(0, vocab, (1,), generator=g)] = float("nan")
+            x[-1] = float("-inf")
+        for dtype in (torch.float32, torch.bfloat16):
+            y = x.to(dtype)
+            assert torch.equal(greedy_argmax(y), y.argmax(dim=-1)), (vocab, trial, dtype)

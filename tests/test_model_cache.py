@@ -233,3 +233,29 @@ def test_fused_attention_equals_the_portable_reference(heads, kv_heads, tq, tk, 
     fused = fused_attention_with_sinks(q, k, v, mask, sinks, 0.25)
     assert fused.shape == ref.shape
     assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_groups_cover_every_sequence_with_bounded_padding():
+    """The rule: every decode sequence is in exactly one group, and within a group the
+    shortest member needs at least DECODE_GROUP_MIN_FILL of the longest's key blocks."""
+    import model.paged_attention as paged
+
+    rng = random.Random(5)
+    bs = 4
+    for window in (None, 24):
+        ctx = [rng.randrange(0, 300) for _ in range(40)]
+        width = max(c // bs + 1 for c in ctx)
+        table = torch.arange(len(ctx) * width, dtype=torch.int32).view(len(ctx), width)
+        meta = BatchMetadata(
+            positions=torch.tensor(ctx), query_start=torch.arange(len(ctx) + 1),
+            context_lens=torch.tensor(ctx), full_block_table=table, sliding_block_table=table,
+            logits_indices=torch.arange(len(ctx)), query_lens_cpu=[1] * len(ctx), context_lens_cpu=ctx,
+        )  # fmt: skip
+        plan = paged.build_plan(meta, table, bs, window)
+        rows = sorted(r for g in plan.decode for r in g.rows.tolist())
+        assert rows == list(range(len(ctx)))
+        for g in plan.decode:
+            keys = [min(ctx[r] + 1, window or 10**9) for r in g.rows.tolist()]
+            blocks = [-(-k // bs) + 1 for k in keys]
+            assert min(blocks) >= paged.DECODE_GROUP_MIN_FILL * max(blocks)
+        assert len(plan.decode) > 1 or window is not None
