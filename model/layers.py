@@ -197,6 +197,13 @@ def route(
     return torch.softmax(top_values, dim=-1), top_ids
 
 
+# Up to this many rows per expert, expert matmuls are bound by reading the weights, so the
+# experts run as one batched matmul over rows padded to the busiest expert (padding is free
+# there, and one call beats one per expert: batch-64 decode MoE 116 -> 91 ms on the CPU).
+# Above it (prefill), padding would cost real FLOPs, so experts run one by one.
+BATCHED_EXPERT_ROWS = 32
+
+
 def moe(
     y: torch.Tensor,
     experts: ExpertWeights,
@@ -207,32 +214,64 @@ def moe(
     """y [T, H] (normed) -> sum over the chosen experts of w_e * expert_e(y), in y's dtype.
 
     The T*k (token, expert) pairs are sorted by expert (one sort) and their inputs gathered
-    once, so each expert that received tokens costs two matmuls writing into its own rows of
-    shared buffers (only those experts run and, when packed, get dequantized); the SwiGLU, the
-    routing weights and the scatter back to tokens each run once over all pairs. The
-    per-expert counts need one host sync.
+    once; the experts then run (see BATCHED_EXPERT_ROWS), and the routing weights and the
+    scatter back to tokens run once over all pairs. The per-expert counts need one host sync.
     """
     t, k = y.shape[0], config.experts_per_token
     weights, ids = route(y, router_weight, router_bias, k)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=config.num_experts).tolist()
+    counts = torch.bincount(flat_ids, minlength=config.num_experts)
+    counts_list = counts.tolist()
     token_of = order // k
     x = y.index_select(0, token_of)  # [T*k, H], expert by expert
-    mlp1_bias = experts.mlp1_bias.to(y.dtype)
-    mlp2_bias = experts.mlp2_bias.to(y.dtype)
-    h = torch.empty(t * k, mlp1_bias.shape[1], dtype=y.dtype, device=y.device)
+    if experts.packed or max(counts_list) > BATCHED_EXPERT_ROWS:
+        o = _experts_one_by_one(x, counts_list, experts, config)
+    else:
+        o = _experts_batched(x, counts, flat_ids[order], max(counts_list), experts, config)
+    weighted = o.float() * weights.reshape(-1)[order][:, None]
+    out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
+    return out.index_add_(0, token_of, weighted).to(y.dtype)
+
+
+def _experts_one_by_one(x: torch.Tensor, counts: list[int], experts: ExpertWeights, config: ModelConfig) -> torch.Tensor:
+    """x [P, H] rows grouped by expert -> [P, H]. Each expert that received rows costs two
+    matmuls writing into its rows of shared buffers (only those experts run and, when
+    packed, get dequantized); the SwiGLU runs once over all rows."""
+    mlp1_bias = experts.mlp1_bias.to(x.dtype)
+    mlp2_bias = experts.mlp2_bias.to(x.dtype)
+    h = torch.empty(x.shape[0], mlp1_bias.shape[1], dtype=x.dtype, device=x.device)
     spans = []
     start = 0
     for e, n in enumerate(counts):
         if n:
             spans.append((e, start, start + n))
-            torch.addmm(mlp1_bias[e], x[start : start + n], experts.mlp1(e, y.dtype), out=h[start : start + n])
+            torch.addmm(mlp1_bias[e], x[start : start + n], experts.mlp1(e, x.dtype), out=h[start : start + n])
             start += n
-    a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)  # [T*k, I]
-    o = torch.empty(t * k, y.shape[1], dtype=y.dtype, device=y.device)
+    a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)  # [P, I]
+    o = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     for e, lo, hi in spans:
-        torch.addmm(mlp2_bias[e], a[lo:hi], experts.mlp2(e, y.dtype), out=o[lo:hi])
-    weighted = o.float() * weights.reshape(-1)[order][:, None]
-    out = torch.zeros(t, y.shape[1], dtype=torch.float32, device=y.device)
-    return out.index_add_(0, token_of, weighted).to(y.dtype)
+        torch.addmm(mlp2_bias[e], a[lo:hi], experts.mlp2(e, x.dtype), out=o[lo:hi])
+    return o
+
+
+def _experts_batched(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    expert_of: torch.Tensor,
+    max_rows: int,
+    experts: ExpertWeights,
+    config: ModelConfig,
+) -> torch.Tensor:
+    """Same result as ``_experts_one_by_one`` for dense experts, as two batched matmuls over
+    [E, max_rows, .] inputs (row r of expert e's block = its r-th row in x, zeros after)."""
+    assert experts.mlp1_dense is not None and experts.mlp2_dense is not None
+    num_experts = counts.shape[0]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of]
+    padded = x.new_zeros(num_experts, max_rows, x.shape[1])
+    padded[expert_of, slot] = x
+    h = torch.baddbmm(experts.mlp1_bias.to(x.dtype)[:, None, :], padded, experts.mlp1_dense)
+    a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)
+    o = torch.baddbmm(experts.mlp2_bias.to(x.dtype)[:, None, :], a, experts.mlp2_dense)
+    return o[expert_of, slot]
