@@ -10,6 +10,7 @@ import torch
 
 from .config import ModelConfig
 from .mxfp4 import dequantize_mxfp4
+from .prepacked import PrepackedLinear
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -138,8 +139,9 @@ def fused_attention_with_sinks(
 
 @dataclass
 class ExpertWeights:
-    """One layer's experts. Either packed MXFP4 in [E, out, in] order (dequantized per use)
-    or dense in the HF export's [E, in, out] order (``x @ w``)."""
+    """One layer's experts. Either packed MXFP4 in [E, out, in] order (dequantized per use),
+    dense in the HF export's [E, in, out] order (``x @ w``), or, on the CPU in bf16, dense
+    weights prepacked for oneDNN (``prepack``)."""
 
     mlp1_bias: torch.Tensor  # [E, 2I], gate/up interleaved (even = gate, odd = up)
     mlp2_bias: torch.Tensor  # [E, H]
@@ -149,10 +151,12 @@ class ExpertWeights:
     mlp2_scales: torch.Tensor | None = None  # [E, H, I/32] uint8
     mlp1_dense: torch.Tensor | None = None  # [E, H, 2I]
     mlp2_dense: torch.Tensor | None = None  # [E, I, H]
+    prepacked: list[tuple[PrepackedLinear, PrepackedLinear]] | None = None  # per expert: mlp1, mlp2
 
     @property
     def packed(self) -> bool:
-        return self.mlp1_dense is None
+        """Held as MXFP4 (dequantized per use)."""
+        return self.mlp1_blocks is not None
 
     def mlp1(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert e's first projection as [H, 2I] (so that h = x @ w)."""
@@ -176,6 +180,30 @@ class ExpertWeights:
         self.mlp1_dense = torch.stack([self.mlp1(e, dtype).contiguous() for e in range(num_experts)])
         self.mlp2_dense = torch.stack([self.mlp2(e, dtype).contiguous() for e in range(num_experts)])
         self.mlp1_blocks = self.mlp1_scales = self.mlp2_blocks = self.mlp2_scales = None
+
+    def prepack(self) -> None:
+        """Replace dense weights by oneDNN-prepacked ones (same results, faster on the CPU;
+        see model/prepacked.py). The dense tensors are dropped, so memory does not grow."""
+        assert self.mlp1_dense is not None and self.mlp2_dense is not None, "dequantize first"
+        self.prepacked = [
+            (PrepackedLinear(self.mlp1_dense[e].t()), PrepackedLinear(self.mlp2_dense[e].t()))
+            for e in range(self.mlp1_dense.shape[0])
+        ]
+        self.mlp1_dense = self.mlp2_dense = None
+
+    def project1(self, e: int, x: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+        """out = x @ mlp1_e + bias, for x [n, H] rows of expert e."""
+        if self.prepacked is not None:
+            out.copy_(self.prepacked[e][0](x, bias))
+        else:
+            torch.addmm(bias, x, self.mlp1(e, x.dtype), out=out)
+
+    def project2(self, e: int, a: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+        """out = a @ mlp2_e + bias, for a [n, I] rows of expert e."""
+        if self.prepacked is not None:
+            out.copy_(self.prepacked[e][1](a, bias))
+        else:
+            torch.addmm(bias, a, self.mlp2(e, a.dtype), out=out)
 
 
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -225,7 +253,7 @@ def moe(
     counts_list = counts.tolist()
     token_of = order // k
     x = y.index_select(0, token_of)  # [T*k, H], expert by expert
-    if experts.packed or max(counts_list) > BATCHED_EXPERT_ROWS:
+    if experts.mlp1_dense is None or max(counts_list) > BATCHED_EXPERT_ROWS:
         o = _experts_one_by_one(x, counts_list, experts, config)
     else:
         o = _experts_batched(x, counts, flat_ids[order], max(counts_list), experts, config)
@@ -237,7 +265,7 @@ def moe(
 def _experts_one_by_one(x: torch.Tensor, counts: list[int], experts: ExpertWeights, config: ModelConfig) -> torch.Tensor:
     """x [P, H] rows grouped by expert -> [P, H]. Each expert that received rows costs two
     matmuls writing into its rows of shared buffers (only those experts run and, when
-    packed, get dequantized); the SwiGLU runs once over all rows."""
+    MXFP4, get dequantized); the SwiGLU runs once over all rows."""
     mlp1_bias = experts.mlp1_bias.to(x.dtype)
     mlp2_bias = experts.mlp2_bias.to(x.dtype)
     h = torch.empty(x.shape[0], mlp1_bias.shape[1], dtype=x.dtype, device=x.device)
@@ -246,12 +274,12 @@ def _experts_one_by_one(x: torch.Tensor, counts: list[int], experts: ExpertWeigh
     for e, n in enumerate(counts):
         if n:
             spans.append((e, start, start + n))
-            torch.addmm(mlp1_bias[e], x[start : start + n], experts.mlp1(e, x.dtype), out=h[start : start + n])
+            experts.project1(e, x[start : start + n], mlp1_bias[e], h[start : start + n])
             start += n
     a = swiglu(h, config.swiglu_alpha, config.swiglu_limit)  # [P, I]
     o = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     for e, lo, hi in spans:
-        torch.addmm(mlp2_bias[e], a[lo:hi], experts.mlp2(e, x.dtype), out=o[lo:hi])
+        experts.project2(e, a[lo:hi], mlp2_bias[e], o[lo:hi])
     return o
 
 

@@ -123,7 +123,9 @@ def load_model(
     if bar is not None:
         bar.update(1)
         bar.close()
-    return GptOssModel(config, weights, dtype)
+    model = GptOssModel(config, weights, dtype)
+    model.prepack()  # a no-op off the CPU or outside bf16
+    return model
 
 
 def _load_experts(

@@ -11,6 +11,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import ExpertWeights, YarnRope, moe, rms_norm
 from .paged_attention import build_plan, paged_attention
+from .prepacked import PrepackedLinear, prepack_available
 
 
 @dataclass
@@ -33,6 +34,7 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # [H] fp32
     unembedding: torch.Tensor  # [V, H]
+    unembedding_prepacked: PrepackedLinear | None = None  # CPU bf16 fast path (``prepack``)
 
 
 class GptOssModel(torch.nn.Module):
@@ -46,15 +48,30 @@ class GptOssModel(torch.nn.Module):
         self.device = weights.embedding.device
         self.rope = YarnRope(config, self.device)
 
+    def prepack(self) -> bool:
+        """Prepack the unembedding and dense experts for oneDNN where that path exists (bf16
+        on the CPU; see model/prepacked.py). Same results, faster small-batch matmuls.
+        Returns whether anything was prepacked."""
+        if not prepack_available(self.device, self.dtype) or self.weights.unembedding.dtype != self.dtype:
+            return False
+        self.weights.unembedding_prepacked = PrepackedLinear(self.weights.unembedding)
+        for layer in self.weights.layers:
+            if layer.experts.mlp1_dense is not None and layer.experts.mlp1_dense.dtype == self.dtype:
+                layer.experts.prepack()
+        return True
+
     def weights_nbytes(self) -> int:
         """Bytes of all weight tensors as held (packed experts count at 4.25 bits)."""
         seen: set[int] = set()
         total = 0
         w = self.weights
         tensors = [w.embedding, w.norm, w.unembedding]
+        if w.unembedding_prepacked is not None:
+            tensors.append(w.unembedding_prepacked.weight)
         for layer in w.layers:
             tensors += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
             tensors += [v for v in vars(layer.experts).values() if isinstance(v, torch.Tensor)]
+            tensors += [p.weight for pair in layer.experts.prepacked or [] for p in pair]
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))
@@ -108,4 +125,6 @@ class GptOssModel(torch.nn.Module):
             x = x + moe(y, layer.experts, layer.router_weight, layer.router_bias, c)
         x = x.index_select(0, meta.logits_indices.to(self.device))
         x = rms_norm(x, w.norm, c.rms_norm_eps)
+        if w.unembedding_prepacked is not None:
+            return w.unembedding_prepacked(x).float()
         return torch.nn.functional.linear(x, w.unembedding).float()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 import pytest
+import torch
 
 from engine.sampler import ARGMAX_CHUNK, Sampler, greedy_argmax
 from engine.sequence import Sequence

@@ -33,3 +33,28 @@ def test_batched_experts_equal_one_by_one(monkeypatch, dtype, tokens):
     monkeypatch.setattr(layers, "BATCHED_EXPERT_ROWS", 0)
     one_by_one = moe(y, experts, router_w, router_b, config)
     torch.testing.assert_close(batched, one_by_one, rtol=1e-5 if dtype == torch.float32 else 0, atol=1e-5 if dtype == torch.float32 else 0)
+
+
+def test_prepacked_model_gives_the_same_logits(tiny_checkpoint_dir, monkeypatch):
+    """bf16 on the CPU: prepacked experts and unembedding (oneDNN) change speed, not results."""
+    from model.loader import load_model
+    from model.prepacked import prepack_available
+    from model.transformer import GptOssModel
+
+    cpu = torch.device("cpu")
+    prepacked = load_model(tiny_checkpoint_dir, torch.bfloat16, cpu, dequantize_experts=True)
+    if not prepack_available(cpu, torch.bfloat16):  # a build without oneDNN: the plain path
+        assert prepacked.weights.unembedding_prepacked is None
+        return
+    assert prepacked.weights.unembedding_prepacked is not None
+    assert all(layer.experts.prepacked is not None for layer in prepacked.weights.layers)
+    monkeypatch.setattr(GptOssModel, "prepack", lambda self: False)
+    plain = load_model(tiny_checkpoint_dir, torch.bfloat16, cpu, dequantize_experts=True)
+    from model.batch import BatchMetadata
+
+    ids = torch.randint(0, plain.config.vocab_size, (37,), generator=torch.Generator().manual_seed(3))
+    meta = BatchMetadata(
+        positions=torch.arange(37), query_start=torch.tensor([0, 37]), context_lens=torch.tensor([0]),
+        full_block_table=None, sliding_block_table=None, logits_indices=torch.arange(37),
+    )  # fmt: skip
+    assert torch.equal(prepacked(ids, meta), plain(ids, meta))

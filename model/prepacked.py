@@ -1,0 +1,45 @@
+"""Weights reordered once into oneDNN's blocked layout, for bfloat16 matmuls on the CPU.
+
+``F.linear`` on bf16 CPU tensors already runs oneDNN, but reorders the weight into oneDNN's
+blocked layout on every call. When few rows multiply a large weight (decode: the experts, the
+unembedding), that reorder costs about as much as the product itself; reordering once at load
+made 32 experts' first projection ~40% faster at 8 rows and the unembedding 20-45% faster at
+8-64 rows on our CPU. Results are bit-identical to ``F.linear`` (tests/test_model_moe.py).
+
+This is a CPU fast path behind the same call as the portable one: where the ops are missing
+(other devices, other dtypes, builds without oneDNN) nothing is prepacked and the model uses
+its plain tensors, which stay the tested reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The row count oneDNN tunes the packed layout for (the layout serves any row count).
+BATCH_HINT = 8
+
+
+def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:
+    ops = torch.ops.mkldnn
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+
+
+class PrepackedLinear:
+    """``F.linear(x, weight, bias)`` with ``weight`` [out, in] reordered once."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), BATCH_HINT)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
