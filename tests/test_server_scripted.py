@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -320,7 +321,10 @@ def test_no_prompt_or_completion_text_in_logs(server, client):
     client.chat.completions.create(
         model=MODEL, messages=user("SCRIPT:weather secret-prompt-words"), tools=[WEATHER_TOOL]
     )
-    log = server.log()
+    # The access line is written once the response is sent: the client may read first.
+    deadline = time.monotonic() + 10
+    while "POST /v1/chat/completions 200" not in (log := server.log()) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert "POST /v1/chat/completions 200" in log
     for text in ("secret-prompt-words", "User wants the weather", "Paris", API_KEY):
         assert text not in log
