@@ -149,3 +149,4 @@ def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
         for dtype in (torch.float32, torch.bfloat16):
             y = x.to(dtype)
             assert torch.equal(greedy_argmax(y), y.argmax(dim=-1)), (vocab, trial, dtype)
+
