@@ -101,13 +101,14 @@ def workload_flops(c: ModelConfig, workload: list[Request]) -> float:
     return total
 
 
-def matmul_roofline(dtype: torch.dtype, device: torch.device, n: int) -> float:
-    """Best FLOP/s of an n x n x n matmul."""
+def matmul_roofline(dtype: torch.dtype, device: torch.device, n: int, repeats: int = 10) -> float:
+    """Best FLOP/s of an n x n x n matmul over ``repeats`` runs (a shared machine has slow
+    moments; the best run is what the hardware can do)."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = float("inf")
-    for _ in range(3):
+    for _ in range(repeats):
         t = time.perf_counter()
         a @ b
         if device.type == "cuda":
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model-dir", help="an existing checkpoint (default: a random one of --preset in a temp dir)")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
+                    help="weights, activations and KV cache of both systems (bfloat16: the fast CPU setting)")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -276,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         del engine
     del model
     gc.collect()
+    # Measured again after the engine's runs; the higher of the two counts (the stricter).
+    roofline = max(roofline, matmul_roofline(dtype, device, args.roofline_size))
+    print(f"matmul roofline after the engine runs: {roofline / 1e9:.1f} GFLOP/s (the higher of the two)")
 
     hf_results: dict[int, LevelResult] = {}
     if not args.skip_transformers:
