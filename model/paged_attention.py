@@ -4,12 +4,12 @@ An ``AttentionPlan`` is built once per forward pass for each pool kind (full lay
 layers) from ``BatchMetadata``: where each new token's K/V goes (its slot), and, for each
 sequence, which cache slots hold its keys and which of them each query may see. All layers
 of a kind then reuse it. The cache keeps KV heads outermost
-(``[kv_heads, blocks, block_size, head_dim]``), so gathering whole blocks with one
-``index_select`` yields each head's keys as one contiguous run, which is what the matmuls
-want, without a transposing copy. Sequences decoding one token are batched together: their
-blocks are gathered padded to the longest context and attended in one masked call whose
-matmuls run in the cache's dtype (fp32 statistics, as the references do). Prefill chunks are attended one sequence at a time, in tiles of
-query rows so that the score tensor stays bounded for long prompts; each tile reads only the
+(``[kv_heads, blocks, block_size, head_dim]``), so gathering whole blocks yields each head's
+keys as one contiguous run, which is what the matmuls want, without a transposing copy.
+Sequences decoding one token are batched together: their blocks are gathered padded to the
+longest context of their group and attended in one masked call whose matmuls run in the
+cache's dtype (fp32 softmax, as the references do). Prefill chunks are attended one sequence
+at a time, in tiles of query rows so that the score tensor stays bounded for long prompts; each tile reads only the
 keys its queries can see, through a fused kernel where the device has one.
 
 Masks: causal (key position <= query position) and, on sliding layers, query - key <=
@@ -185,6 +185,7 @@ def build_plan(
     decode = []
     # Longest contexts first, so that each group pads its keys to similar lengths.
     decode_seqs.sort(key=lambda s: -context_lens[s])
+
     def key_width(s: int) -> int:
         keys = context_lens[s] + 1 if window is None else min(context_lens[s] + 1, window)
         return -(-keys // block_size) * block_size + block_size  # whole blocks, worst alignment
@@ -217,6 +218,15 @@ def build_plan(
     return AttentionPlan(write_blocks, write_offsets, decode=decode, prefill=prefill)
 
 
+def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """cache [KVH, num_blocks, bs, D], blocks [N] -> [KVH, N * bs, D]: each head's slots of
+    those blocks, in order. One gather on dim 0 of the flat [KVH * num_blocks, ...] view: the
+    same result as ``index_select`` on dim 1, which PyTorch's CPU kernel does 1.5-2x slower."""
+    kvh, num_blocks, block_size, d = cache.shape
+    rows = (torch.arange(kvh, device=blocks.device)[:, None] * num_blocks + blocks).view(-1)
+    return cache.view(kvh * num_blocks, block_size, d).index_select(0, rows).view(kvh, -1, d)
+
+
 def paged_attention(
     plan: AttentionPlan,
     q: torch.Tensor,
@@ -238,12 +248,8 @@ def paged_attention(
     for g in plan.decode:
         assert k_cache is not None and v_cache is not None
         b = g.rows.shape[0]
-        kvh, num_blocks, block_size, d = k_cache.shape
-        # One gather on dim 0 of the [KVH * blocks, ...] view: the same [KVH, B*NBLK, ...]
-        # result as index_select on dim 1, which PyTorch's CPU kernel does 1.5-2x slower.
-        rows = (torch.arange(kvh, device=g.blocks.device)[:, None] * num_blocks + g.blocks).view(-1)
-        keys = k_cache.view(kvh * num_blocks, block_size, d).index_select(0, rows).view(kvh, b, -1, d)
-        values = v_cache.view(kvh * num_blocks, block_size, d).index_select(0, rows).view(kvh, b, -1, d)
+        keys = _gather_blocks(k_cache, g.blocks).view(k_cache.shape[0], b, -1, k_cache.shape[3])
+        values = _gather_blocks(v_cache, g.blocks).view(v_cache.shape[0], b, -1, v_cache.shape[3])
         out[g.rows] = decode_attention_with_sinks(q[g.rows], keys, values, g.mask, sinks, sm_scale)
     for p in plan.prefill:
         if p.blocks is None:  # no cache: the sequence's own new tokens are its keys
@@ -252,8 +258,7 @@ def paged_attention(
         else:
             assert k_cache is not None and v_cache is not None
             keys, values = (
-                cache.index_select(1, p.blocks)  # [KVH, NBLK, bs, D]
-                .view(cache.shape[0], -1, cache.shape[3])[:, p.key_offset : p.key_offset + p.num_keys]
+                _gather_blocks(cache, p.blocks)[:, p.key_offset : p.key_offset + p.num_keys]
                 for cache in (k_cache, v_cache)
             )
         keys, values = keys.float(), values.float()  # once, not once per tile
