@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +16,7 @@ from harmony import tokens
 from harmony.render import RenderError, render_chat_request
 from harmony.tokenizer import HarmonyTokenizer
 from server.errors import APIError
-from server.generation import EngineSession, run_to_end, stream_error_event
+from server.generation import EngineSession, open_session, run_to_end, stream_error_event
 from server.harmony_output import HarmonyOutputMapper, OutputDelta
 from server.protocol import ChatCompletionRequest
 from server.responses import (
@@ -228,11 +227,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     states = [
         ChatChoiceState(i, tokenizer, stop_strings(body.stop), body.include_reasoning) for i in range(body.n)
     ]
-    # Unique even when clients reuse an x-request-id: it names the engine requests too.
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    logger.debug("%s: %s", request_id, response_id)
-    session = EngineSession(engine, response_id, state.drain, state.metrics)
-    session.start(requests)
+    session = open_session(engine, "chatcmpl", state.drain, state.metrics, requests, request_id)
+    response_id = session.response_id
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -243,11 +239,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    session.watch_disconnect(request.receive)
     try:
-        await run_to_end(session, states, request_id)
+        await run_to_end(session, states, request_id, request.receive)
     finally:
-        session.close()
         _account(state, states, request_id)
     return ChatCompletionResponse(
         id=response_id,

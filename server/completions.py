@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from engine.types import RequestOutput
 from harmony import tokens
 from harmony.tokenizer import HarmonyTokenizer, IncrementalDecoder
 from server.errors import APIError
-from server.generation import EngineSession, run_to_end, stream_error_event
+from server.generation import EngineSession, open_session, run_to_end, stream_error_event
 from server.protocol import CompletionRequest
 from server.responses import (
     GENERATION_RESPONSES,
@@ -153,10 +152,8 @@ async def completions(body: CompletionRequest, request: Request):
         TextChoiceState(i, tokenizer, stops, body.skip_special_tokens, body.logprobs is not None)
         for i in range(len(requests))
     ]
-    response_id = f"cmpl-{uuid.uuid4().hex}"  # unique even when clients reuse an x-request-id
-    logger.debug("%s: %s", request_id, response_id)
-    session = EngineSession(engine, response_id, state.drain, state.metrics)
-    session.start(requests)
+    session = open_session(engine, "cmpl", state.drain, state.metrics, requests, request_id)
+    response_id = session.response_id
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -165,11 +162,9 @@ async def completions(body: CompletionRequest, request: Request):
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    session.watch_disconnect(request.receive)
     try:
-        await run_to_end(session, states, request_id)
+        await run_to_end(session, states, request_id, request.receive)
     finally:
-        session.close()
         _account(state, states, body.n, request_id)
     return CompletionResponse(
         id=response_id,

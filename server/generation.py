@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -53,9 +54,32 @@ class Choice(Protocol):
     def on_output(self, out: RequestOutput) -> Any: ...
 
 
-async def run_to_end(session: EngineSession, choices: Sequence[Choice], request_id: str) -> None:
+def open_session(
+    engine: Any,
+    kind: str,
+    drain: DrainController,
+    metrics: ServerMetrics,
+    requests: list[tuple[list[int], SamplingParams]],
+    request_id: str,
+) -> EngineSession:
+    """Start one HTTP request's engine requests under a fresh response id ``{kind}-{hex}``:
+    unique even when clients reuse an x-request-id, since it names the engine requests too."""
+    session = EngineSession(engine, f"{kind}-{uuid.uuid4().hex}", drain, metrics)
+    logger.debug("%s: %s", request_id, session.response_id)
+    session.start(requests)
+    return session
+
+
+async def run_to_end(
+    session: EngineSession,
+    choices: Sequence[Choice],
+    request_id: str,
+    receive: Callable[[], Awaitable[dict]],
+) -> None:
     """Non-streaming: feed every output to its choice until all finish (a choice whose stop
-    string matched is aborted at once); failures become the HTTP error they mean."""
+    string matched is aborted at once; a client that leaves aborts everything), then close
+    the session; failures become the HTTP error they mean."""
+    session.watch_disconnect(receive)
     try:
         while (item := await session.next_output()) is not None:
             index, out = item
@@ -70,6 +94,8 @@ async def run_to_end(session: EngineSession, choices: Sequence[Choice], request_
     except ClientGone as exc:
         logger.info("%s: client disconnected; generation aborted", request_id)
         raise APIError(499, "Client closed the request.", code="client_closed") from exc
+    finally:
+        session.close()
 
 
 def stream_error_event(exc: Exception, request_id: str) -> bytes:
@@ -113,6 +139,10 @@ class EngineSession:
         self._tasks: list[asyncio.Task] = []
         self._abort_key: int | None = None
         self._closed = False
+
+    @property
+    def response_id(self) -> str:
+        return self._request_id
 
     # -- setup ------------------------------------------------------------------------------------
 
