@@ -128,26 +128,10 @@ class LLMEngine:
 
     @property
     def weights_bytes(self) -> int:
-        seen: set[int] = set()
-        total = 0
-
-        def visit(obj: object) -> None:
-            nonlocal total
-            if isinstance(obj, torch.Tensor):
-                if id(obj) not in seen:
-                    seen.add(id(obj))
-                    total += obj.numel() * obj.element_size()
-            elif isinstance(obj, (list, tuple)):
-                for o in obj:
-                    visit(o)
-            elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
-                for o in vars(obj).values():
-                    visit(o)
-
-        visit(getattr(self.model, "weights", None))
-        for t in (*self.model.parameters(), *self.model.buffers()):
-            visit(t)
-        return total
+        """Bytes of the model's weights as held (the model counts them; 0 for a model that
+        does not say)."""
+        count = getattr(self.model, "weights_nbytes", None)
+        return int(count()) if count is not None else 0
 
     @property
     def kv_cache_bytes(self) -> int:

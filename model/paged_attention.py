@@ -218,13 +218,18 @@ def build_plan(
     return AttentionPlan(write_blocks, write_offsets, decode=decode, prefill=prefill)
 
 
-def _gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """cache [KVH, num_blocks, bs, D], blocks [N] -> [KVH, N * bs, D]: each head's slots of
-    those blocks, in order. One gather on dim 0 of the flat [KVH * num_blocks, ...] view: the
-    same result as ``index_select`` on dim 1, which PyTorch's CPU kernel does 1.5-2x slower."""
-    kvh, num_blocks, block_size, d = cache.shape
+def _gather_blocks(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caches [KVH, num_blocks, bs, D], blocks [N] -> keys, values [KVH, N * bs, D]: each
+    head's slots of those blocks, in order. One gather on dim 0 of the flat
+    [KVH * num_blocks, ...] view: the same result as ``index_select`` on dim 1, which
+    PyTorch's CPU kernel does 1.5-2x slower."""
+    kvh, num_blocks, block_size, d = k_cache.shape
     rows = (torch.arange(kvh, device=blocks.device)[:, None] * num_blocks + blocks).view(-1)
-    return cache.view(kvh * num_blocks, block_size, d).index_select(0, rows).view(kvh, -1, d)
+    keys = k_cache.view(kvh * num_blocks, block_size, d).index_select(0, rows).view(kvh, -1, d)
+    values = v_cache.view(kvh * num_blocks, block_size, d).index_select(0, rows).view(kvh, -1, d)
+    return keys, values
 
 
 def paged_attention(
@@ -248,8 +253,8 @@ def paged_attention(
     for g in plan.decode:
         assert k_cache is not None and v_cache is not None
         b = g.rows.shape[0]
-        keys = _gather_blocks(k_cache, g.blocks).view(k_cache.shape[0], b, -1, k_cache.shape[3])
-        values = _gather_blocks(v_cache, g.blocks).view(v_cache.shape[0], b, -1, v_cache.shape[3])
+        kvh, d = k_cache.shape[0], k_cache.shape[3]
+        keys, values = (x.view(kvh, b, -1, d) for x in _gather_blocks(k_cache, v_cache, g.blocks))
         out[g.rows] = decode_attention_with_sinks(q[g.rows], keys, values, g.mask, sinks, sm_scale)
     for p in plan.prefill:
         if p.blocks is None:  # no cache: the sequence's own new tokens are its keys
@@ -258,8 +263,7 @@ def paged_attention(
         else:
             assert k_cache is not None and v_cache is not None
             keys, values = (
-                _gather_blocks(cache, p.blocks)[:, p.key_offset : p.key_offset + p.num_keys]
-                for cache in (k_cache, v_cache)
+                x[:, p.key_offset : p.key_offset + p.num_keys] for x in _gather_blocks(k_cache, v_cache, p.blocks)
             )
         keys, values = keys.float(), values.float()  # once, not once per tile
         for t in p.tiles:
