@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_doubles import FlakyModel
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -255,23 +256,8 @@ def test_logprobs_and_token_source(ckpt: Path, model: torch.nn.Module) -> None:
     assert [tok for tok, _ in lps[0].top] == ref.topk(2).indices.tolist()
 
 
-class _FlakyModel(torch.nn.Module):
-    """Wraps the real model and raises while ``failing`` is set."""
-
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-        self.failing = False
-
-    def forward(self, *args: object) -> torch.Tensor:
-        if self.failing:
-            raise RuntimeError("simulated device failure")
-        return self.inner(*args)
-
-
 def test_step_errors_fail_requests_then_kill_the_engine(ckpt: Path, model: torch.nn.Module) -> None:
-    flaky = _FlakyModel(model)
+    flaky = FlakyModel(model)
     engine = make_engine(ckpt, model=flaky)
     engine.add_request("a", prompt(5, 800), GREEDY)
     flaky.failing = True

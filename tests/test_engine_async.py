@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_doubles import FlakyModel
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
@@ -137,21 +138,8 @@ def test_queue_bound(ckpt: Path, model: torch.nn.Module) -> None:
         engine.shutdown()
 
 
-class _FlakyModel(torch.nn.Module):
-    def __init__(self, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-        self.failing = False
-
-    def forward(self, *args: object) -> torch.Tensor:
-        if self.failing:
-            raise RuntimeError("simulated failure")
-        return self.inner(*args)
-
-
 def test_a_failing_step_ends_streams_with_an_error(ckpt: Path, model: torch.nn.Module) -> None:
-    flaky = _FlakyModel(model)
+    flaky = FlakyModel(model, message="simulated failure")
     engine = AsyncEngine(LLMEngine(config(ckpt), model=flaky))
     engine.start()
     try:
