@@ -73,6 +73,26 @@ class ServerProcess:
         self.__exit__()
         raise RuntimeError(message)
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of ``/metrics`` (probes need no API key)."""
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"metric {name} missing")
+
+    def wait_engine_idle(self, timeout: float = 10.0) -> None:
+        """Wait until the engine runs nothing, queues nothing and holds no KV block.
+
+        A client that closes a stream aborts it, but the server notices asynchronously: a test
+        that needs the slots back waits here instead of racing the abort."""
+        names = ("gptoss_num_requests_running", "gptoss_num_requests_waiting", "gptoss_kv_cache_blocks_used")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.metric(name) == 0 for name in names):
+                return
+            time.sleep(0.05)
+        raise AssertionError("engine still holds requests or KV blocks")
+
     def log(self) -> str:
         return Path(self._log_path).read_text(errors="replace")[-20000:]
 

@@ -54,24 +54,6 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-def metric(server, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"metric {name} missing")
-
-
-def wait_engine_idle(server, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        names = ("gptoss_num_requests_running", "gptoss_num_requests_waiting", "gptoss_kv_cache_blocks_used")
-        if all(metric(server, name) == 0 for name in names):
-            return
-        time.sleep(0.05)
-    raise AssertionError("engine still holds requests or KV blocks")
-
-
 # -- models, probes, tokenize ------------------------------------------------------------------
 
 
@@ -318,21 +300,21 @@ def test_client_disconnect_aborts_at_once(server):
         first = next(lines)
         assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
         time.sleep(0.2)
-        assert metric(server, "gptoss_num_requests_running") == 1
-        assert metric(server, "gptoss_kv_cache_blocks_used") > 0
-    wait_engine_idle(server, timeout=2.0)
+        assert server.metric("gptoss_num_requests_running") == 1
+        assert server.metric("gptoss_kv_cache_blocks_used") > 0
+    server.wait_engine_idle(timeout=2.0)
     # Raw completions stream every token: leave after a few.
     body = {"model": MODEL, "prompt": "Once upon", "max_tokens": 900, "stream": True, "ignore_eos": True}
     started = time.monotonic()
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
         lines = [line for _, line in zip(range(10), r.iter_lines(), strict=False) if line]
         assert len(lines) == 5 and all(line.startswith("data: {") for line in lines)
-    wait_engine_idle(server, timeout=2.0)
+    server.wait_engine_idle(timeout=2.0)
     assert time.monotonic() - started < 5, "900 tokens were not generated: the request was aborted"
     # Non-streaming: a client that times out is gone too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
-    wait_engine_idle(server, timeout=2.0)
+    server.wait_engine_idle(timeout=2.0)
 
 
 @pytest.mark.slow
@@ -384,9 +366,9 @@ def test_load_200_streams_with_disconnects(server):
 
     results = asyncio.run(main())
     assert results.count("completed") == 150 and results.count("disconnected") == 50
-    wait_engine_idle(server, timeout=5.0)
-    assert metric(server, "gptoss_num_requests_running") == 0
-    assert metric(server, "gptoss_kv_cache_blocks_used") == 0
+    server.wait_engine_idle(timeout=5.0)
+    assert server.metric("gptoss_num_requests_running") == 0
+    assert server.metric("gptoss_kv_cache_blocks_used") == 0
 
 
 def test_unloadable_model_exits_1(tmp_path):

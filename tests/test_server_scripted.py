@@ -309,6 +309,7 @@ def test_queue_full_is_429_with_retry_after(server):
             return len(opened), refused
 
     accepted, refused = asyncio.run(main())
+    server.wait_engine_idle()  # the closed streams give their slots back
     assert 2 <= accepted <= 4
     assert refused is not None
     status, headers, body = refused
