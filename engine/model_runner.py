@@ -74,5 +74,5 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: PreparedBatch) -> torch.Tensor:
-        """-> float32 logits [len(batch.sample_seqs), vocab]."""
+        """-> logits [len(batch.sample_seqs), vocab] in the model dtype."""
         return self.model(batch.input_ids, batch.meta, self.kv_cache)

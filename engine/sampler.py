@@ -11,6 +11,10 @@ Order: penalties (presence/frequency on generated tokens, repetition on prompt+g
 logit_bias, min_tokens (stop ids suppressed), then greedy rows take the argmax; sampled
 rows apply temperature, top_k, top_p, min_p and draw. Logprobs are those of the model's own
 distribution (log_softmax of the raw logits), like vLLM's default and OpenAI's API.
+
+Logits arrive in the model dtype. The argmax runs on them as they are (upcasting is exact and
+keeps the order); every other computation upcasts just the rows it touches to float32, so a
+batch of greedy requests never pays for an fp32 copy of the whole [N, vocab] tensor.
 """
 
 from __future__ import annotations
@@ -72,8 +76,8 @@ class Sampler:
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], forced: list[int] | None = None
     ) -> SamplerOutput:
-        """logits [N, V] float32, one row per sequence in ``seqs``; ``forced`` overrides the
-        choice (a TokenSource) but logprobs are still those of the model."""
+        """logits [N, V] (float32 or the model dtype), one row per sequence in ``seqs``;
+        ``forced`` overrides the choice (a TokenSource) but logprobs are still those of the model."""
         n = len(seqs)
         if n == 0:
             return SamplerOutput([], [])
@@ -112,7 +116,7 @@ class Sampler:
                         ban_cols.append(tok)
         if not (pen_rows or bias_rows or ban_rows):
             return logits
-        x = logits.clone()  # the raw logits stay for logprobs
+        x = logits.float() if logits.dtype != torch.float32 else logits.clone()  # raw logits stay for logprobs
         dev = x.device
         if pen_rows:
             x[torch.tensor(pen_rows, device=dev)] = self._penalize(
@@ -155,7 +159,7 @@ class Sampler:
         dev = x.device
         params = [s.params for s in seqs]
         r, v = x.shape
-        x = x / torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)[:, None]
+        x = x.float() / torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)[:, None]
         top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
         if min(top_k) < v:
             kmax = max(k for k in top_k if k < v)
@@ -209,7 +213,7 @@ class Sampler:
         if not rows:
             return out
         idx = torch.tensor(rows, device=logits.device)
-        lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)
+        lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
         chosen = lp.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
         kmax = max(seqs[i].params.logprobs or 0 for i in rows)
         top_vals, top_ids = (lp.topk(kmax, dim=-1) if kmax else (None, None))

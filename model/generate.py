@@ -99,7 +99,7 @@ def greedy_generate(
     rows = torch.arange(n, device=device) if return_prefill_logits else torch.tensor([n - 1], device=device)
     meta = single_sequence_meta(0, n, full, sliding, rows)
     logits = model(torch.tensor(prompt_ids, device=device), meta, cache)
-    prefill_logits = logits if return_prefill_logits else None
+    prefill_logits = logits.float() if return_prefill_logits else None
     last = logits[-1]
     tokens: list[int] = []
     position = n

@@ -20,6 +20,10 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     return (scale * h).to(x.dtype)
 
 
+# Rows per pass of the RoPE rotation (see YarnRope.apply).
+ROPE_ROWS = 256
+
+
 class YarnRope:
     """YaRN RoPE, half-split (NeoX): frequency i rotates the pair (i, i + head_dim/2).
     cos and sin both carry the concentration 0.1*ln(factor)+1, so logits scale by its square.
@@ -53,19 +57,27 @@ class YarnRope:
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] (any float dtype), cos/sin [T, head_dim/2] -> fp32.
-        Written into one output with no concatenation or upcast copy of x: on long
-        prefills this runs over tens of MB per layer, so passes over memory are what
-        it costs."""
-        cos, sin = cos[:, None, :], sin[:, None, :]
+        """x [T, heads, head_dim] (any float dtype), cos/sin [T, head_dim/2] -> x rotated, in
+        x's dtype. The rotation is computed in fp32 and rounded once (the references compute
+        it in x's dtype). Rows go ROPE_ROWS at a time: on a long prefill a layer's queries
+        are tens of MB, and fp32 temporaries that size would each be fresh memory (slow to
+        touch on the CPU) where chunk-sized ones are reused and stay in cache."""
         half = x.shape[-1] // 2
-        first, second = x[..., :half], x[..., half:]
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        out_first, out_second = out[..., :half], out[..., half:]
-        torch.mul(first, cos, out=out_first)
-        out_first.sub_(second * sin)
-        torch.mul(second, cos, out=out_second)
-        out_second.add_(first * sin)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        direct = out.dtype == torch.float32  # rotate straight into the output
+        for r0 in range(0, x.shape[0], ROPE_ROWS):
+            r1 = min(x.shape[0], r0 + ROPE_ROWS)
+            xs = x[r0:r1].float()  # an fp32 x is used as it is (only read)
+            c, s = cos[r0:r1, None, :], sin[r0:r1, None, :]
+            first, second = xs[..., :half], xs[..., half:]
+            rot = out[r0:r1] if direct else torch.empty(xs.shape, device=x.device)
+            rot_first, rot_second = rot[..., :half], rot[..., half:]
+            torch.mul(first, c, out=rot_first)
+            rot_first.sub_(second * s)
+            torch.mul(second, c, out=rot_second)
+            rot_second.add_(first * s)
+            if not direct:
+                out[r0:r1] = rot
         return out
 
 

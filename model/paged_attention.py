@@ -242,9 +242,9 @@ def paged_attention(
     sinks: torch.Tensor,
     sm_scale: float,
 ) -> torch.Tensor:
-    """q [T, H, D] fp32; k, v [T, KVH, D] (cache dtype); caches [KVH, blocks, block_size, D].
-    Writes k/v to the cache, then attends. Returns [T, H, D] fp32."""
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    """q [T, H, D]; k, v [T, KVH, D] (cache dtype); caches [KVH, blocks, block_size, D].
+    Writes k/v to the cache, then attends (softmax in fp32). Returns [T, H, D] in q's dtype."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if plan.write_blocks is not None:
         assert k_cache is not None and v_cache is not None
         # Adjacent advanced indices after a slice stay in place: the target is [KVH, T, D].
@@ -287,7 +287,7 @@ def decode_attention_with_sinks(
     sm_scale: float,
 ) -> torch.Tensor:
     """One query per sequence against its gathered keys, same maths as
-    ``attention_with_sinks``. q [B, H, D] fp32; keys, values [KVH, B, Tk, D]; mask [B, Tk].
+    ``attention_with_sinks``. q [B, H, D]; keys, values [KVH, B, Tk, D]; mask [B, Tk].
     The G query heads of a KV head are the rows of one matmul against that head's keys (no
     broadcast copies). The two matmuls run in the cache's dtype (fp32 caches: all fp32;
     bf16 caches: bf16 operands, as the reference and transformers do), the softmax and

@@ -82,7 +82,9 @@ class GptOssModel(torch.nn.Module):
     def forward(
         self, input_ids: torch.Tensor, meta: BatchMetadata, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
-        """input_ids [T] -> float32 logits [len(meta.logits_indices), vocab]."""
+        """input_ids [T] -> logits [len(meta.logits_indices), vocab] in the model dtype (the
+        unembedding's own output, as transformers' lm_head; whoever needs fp32 maths upcasts
+        the rows it uses: at batch 64 an fp32 copy of every row would be a 51 MB pass)."""
         c = self.config
         w = self.weights
         if kv_cache is not None and kv_cache.config.num_layers != c.num_layers:
@@ -107,10 +109,11 @@ class GptOssModel(torch.nn.Module):
             q = qkv[:, : c.q_dim].view(t, c.num_heads, c.head_dim)
             k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].view(t, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_dim + c.kv_dim :].view(t, c.num_kv_heads, c.head_dim)
-            q = YarnRope.apply(q, cos, sin)  # fp32
-            # K is stored (and attended) in the model dtype whether or not it goes through the
-            # cache, so cached decode and full recomputation see the same keys.
-            k = YarnRope.apply(k, cos, sin).to(self.dtype)
+            # Q and K rotated in fp32, kept in the model dtype (as the references keep them);
+            # K is stored and attended that way whether or not it goes through the cache, so
+            # cached decode and full recomputation see the same keys.
+            q = YarnRope.apply(q, cos, sin)
+            k = YarnRope.apply(k, cos, sin)
             sliding = c.is_sliding(i)
             attn = paged_attention(
                 plans[sliding], q, k, v,
@@ -118,7 +121,7 @@ class GptOssModel(torch.nn.Module):
                 kv_cache.v[i] if kv_cache is not None else None,
                 layer.sinks, c.sm_scale,
             )  # fmt: skip
-            attn = attn.reshape(t, c.q_dim).to(self.dtype)
+            attn = attn.reshape(t, c.q_dim)
             x = x + torch.nn.functional.linear(attn, layer.out_weight, layer.out_bias)
             # MoE half.
             y = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
@@ -126,5 +129,5 @@ class GptOssModel(torch.nn.Module):
         x = x.index_select(0, meta.logits_indices.to(self.device))
         x = rms_norm(x, w.norm, c.rms_norm_eps)
         if w.unembedding_prepacked is not None:
-            return w.unembedding_prepacked(x).float()
-        return torch.nn.functional.linear(x, w.unembedding).float()
+            return w.unembedding_prepacked(x)
+        return torch.nn.functional.linear(x, w.unembedding)

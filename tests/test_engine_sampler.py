@@ -150,3 +150,30 @@ def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
             y = x.to(dtype)
             assert torch.equal(greedy_argmax(y), y.argmax(dim=-1)), (vocab, trial, dtype)
 
+
+
+def test_model_dtype_logits_sample_as_their_float32_upcast() -> None:
+    """The model hands over bf16 logits on a bf16 model; every feature (argmax, penalties,
+    bias, min_tokens, temperature/top-k/top-p/min-p draws, logprobs) must give exactly what
+    the same logits upcast to float32 give."""
+    x = (logits_rows(8, seed=3) * 4).to(torch.bfloat16)
+    x[0, 5] = x[0, 9] = x[0].max() + 1  # a tie: the first index wins in both
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, logit_bias={2: 3.0}, logprobs=3),
+        SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[int(x[2].argmax())]),
+        SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, seed=11, logprobs=2),
+        SamplingParams(temperature=1.2, top_k=4, seed=12),
+        SamplingParams(temperature=0.9, top_p=0.7, seed=13),
+        SamplingParams(temperature=1.0, min_p=0.2, seed=14),
+    ]
+
+    def run(logits: torch.Tensor):
+        seqs = [seq(p, prompt=[1, 2, 3], output=[4, 4]) for p in params]
+        return sampler()(logits, seqs)
+
+    low, high = run(x), run(x.float())
+    assert low.token_ids == high.token_ids
+    assert low.logprobs == high.logprobs
+    assert low.token_ids[0] == 5
