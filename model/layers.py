@@ -221,10 +221,10 @@ class ExpertWeights:
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """Clamped SwiGLU on interleaved [..., 2I]: gate = even, up = odd; gate clamped above
     only, up both sides, and the up branch gets +1."""
-    gate, up = h[..., ::2], h[..., 1::2]
-    gate = gate.clamp(max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return gate * torch.sigmoid(gate * alpha) * (up + 1)
+    gate = h[..., ::2].clamp(max=limit)
+    up = h[..., 1::2].clamp(min=-limit, max=limit).add_(1)
+    # In place on the fresh tensors (on a prefill these are tens of MB each).
+    return torch.sigmoid(gate * alpha).mul_(gate).mul_(up)
 
 
 def route(

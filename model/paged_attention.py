@@ -291,15 +291,17 @@ def decode_attention_with_sinks(
     The G query heads of a KV head are the rows of one matmul against that head's keys (no
     broadcast copies). The two matmuls run in the cache's dtype (fp32 caches: all fp32;
     bf16 caches: bf16 operands, as the reference and transformers do), the softmax and
-    the sink in fp32. Returns [B, H, D] fp32."""
+    the sink in fp32. Returns [B, H, D] in q's dtype."""
     kvh, b, _, d = keys.shape
     g = q.shape[1] // kvh
     qg = q.view(b, kvh, g, d).transpose(0, 1).to(keys.dtype)  # [KVH, B, G, D]
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * sm_scale  # [KVH, B, G, Tk]
-    scores = scores.masked_fill(~mask[None, :, None, :], float("-inf"))
+    # In place after the first matmul: each pass over the [KVH, B, G, Tk] scores is a pass
+    # over memory, and fresh temporaries are slower still.
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [KVH, B, G, Tk]
+    scores.mul_(sm_scale).masked_fill_(~mask[None, :, None, :], float("-inf"))
     sink = sinks.float().view(kvh, 1, g, 1)
     row_max = torch.maximum(scores.amax(dim=-1, keepdim=True), sink)
-    probs = torch.exp(scores - row_max)
-    probs = probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max))
+    probs = scores.sub_(row_max).exp_()
+    probs.div_(probs.sum(dim=-1, keepdim=True).add_(torch.exp(sink - row_max)))
     out = torch.matmul(probs.to(values.dtype), values)  # [KVH, B, G, D]
-    return out.float().transpose(0, 1).reshape(b, kvh * g, d)
+    return out.to(q.dtype).transpose(0, 1).reshape(b, kvh * g, d)

@@ -309,3 +309,24 @@ def test_random_mix_under_pressure_matches_roomy_engine(ckpt: Path, model: torch
         if rid == "m4" and final(got[rid]).finish_reason == "abort":
             continue
         assert tokens(got[rid]) == tokens(roomy[rid]), rid
+
+
+def test_bfloat16_engine_serves_a_mixed_batch(ckpt: Path) -> None:
+    """The CPU production setting (bf16, oneDNN-prepacked weights where available): prefill
+    chunks and batched decodes of several requests at once, across the window. Every request
+    completes with its token count and every block comes back; the tokens stay close to the
+    bf16 model recomputed without a cache (exact equality is a float32 property: in bf16,
+    near-tied random logits may round either way between the two attention paths)."""
+    bf16 = load_model(ckpt, torch.bfloat16, "cpu", dequantize_experts=True)
+    prompts = {f"b{i}": (prompt(n, 50 + i), GREEDY) for i, n in enumerate(LENGTHS)}
+    outs = run(make_engine(ckpt, bf16, dtype="bfloat16"), prompts)
+    agree = total = 0
+    for rid, (ids, _) in prompts.items():
+        last = final(outs[rid])
+        assert last.finish_reason == "length" and last.num_output_tokens == 10
+        got = tokens(outs[rid])
+        assert all(0 <= t < bf16.config.vocab_size for t in got)
+        ref = greedy_reference(bf16, ids, 10)
+        agree += sum(a == b for a, b in zip(got, ref, strict=True))
+        total += len(ref)
+    assert agree >= 0.5 * total, f"{agree}/{total} tokens agree with recomputation"
