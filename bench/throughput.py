@@ -156,23 +156,25 @@ def run_engine_level(engine: LLMEngine, workload: list[Request], concurrency: in
 
 
 def decode_overhead_ms(engine: LLMEngine, batch: int, steps: int) -> tuple[float, float, float]:
-    """(overhead, sampler, forward) ms per step of ``batch`` sequences all decoding; the
-    overhead is everything but the forward pass (scheduler, batch building, sampler,
-    bookkeeping)."""
+    """(overhead, sampler, forward) ms per step of ``batch`` sequences all decoding, each the
+    median over ``steps`` steps (this machine has slow moments); the overhead is everything
+    but the forward pass (scheduler, batch building, sampler, bookkeeping)."""
     for i in range(batch):
         engine.add_request(f"o{i}", [1000 + i, 2000 + i, 3000 + i, 4000 + i],
                            SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True))  # fmt: skip
     engine.step()  # the prefill
     engine.step()
     t = engine.timing
-    s0, tot0, fwd0, smp0 = t.steps, t.total_s, t.forward_s, t.sampler_s
+    overhead, sampler, forward = [], [], []
     for _ in range(steps):
+        tot0, fwd0, smp0 = t.total_s, t.forward_s, t.sampler_s
         engine.step()
-    n = t.steps - s0
+        forward.append((t.forward_s - fwd0) * 1000)
+        overhead.append((t.total_s - tot0) * 1000 - forward[-1])
+        sampler.append((t.sampler_s - smp0) * 1000)
     while engine.has_unfinished():
         engine.step()
-    forward = (t.forward_s - fwd0) / n * 1000
-    return (t.total_s - tot0) / n * 1000 - forward, (t.sampler_s - smp0) / n * 1000, forward
+    return statistics.median(overhead), statistics.median(sampler), statistics.median(forward)
 
 
 class _FirstCall:
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", type=int, default=None)
     ap.add_argument("--packed-experts", action="store_true", help="keep experts MXFP4 (default: dequantize at load)")
-    ap.add_argument("--overhead-steps", type=int, default=5, help="decode steps timed for the batch-64 overhead")
+    ap.add_argument("--overhead-steps", type=int, default=20, help="decode steps timed for the batch-64 overhead (median)")
     ap.add_argument("--roofline-size", type=int, default=2048)
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args(argv)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     while base.has_unfinished():
         base.step()
     overhead_ms, sampler_ms, forward_ms = decode_overhead_ms(base, 64, args.overhead_steps)
-    print(f"engine overhead at batch 64 decode: {overhead_ms:.2f} ms/step, of which sampler {sampler_ms:.2f} ms "
+    print(f"engine overhead at batch 64 decode (median step): {overhead_ms:.2f} ms, of which sampler {sampler_ms:.2f} ms "
           f"(forward {forward_ms:.1f} ms/step)")  # fmt: skip
     del base
     engine_results: dict[int, LevelResult] = {}

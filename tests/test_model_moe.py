@@ -60,3 +60,18 @@ def test_prepacked_model_gives_the_same_logits(tiny_checkpoint_dir, monkeypatch)
         full_block_table=None, sliding_block_table=None, logits_indices=torch.arange(37),
     )  # fmt: skip
     assert torch.equal(prepacked(ids, meta), plain(ids, meta))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_fused_per_expert_equal_one_swiglu_for_all(monkeypatch, dtype):
+    """One by one, each expert's SwiGLU on its own rows (long prefills) or one SwiGLU over
+    all rows (decode): the same numbers, to the bit."""
+    config = ModelConfig(num_experts=8, experts_per_token=3, hidden_size=64, intermediate_size=96)
+    experts, router_w, router_b = _experts(config, dtype, seed=5)
+    y = torch.randn(50, config.hidden_size, generator=torch.Generator().manual_seed(8)).to(dtype)
+    monkeypatch.setattr(layers, "BATCHED_EXPERT_ROWS", 0)
+    monkeypatch.setattr(layers, "FUSED_EXPERT_ROWS", 0)
+    fused = moe(y, experts, router_w, router_b, config)
+    monkeypatch.setattr(layers, "FUSED_EXPERT_ROWS", 10**9)
+    shared = moe(y, experts, router_w, router_b, config)
+    assert torch.equal(fused, shared)
