@@ -159,7 +159,8 @@ class Sampler:
         dev = x.device
         params = [s.params for s in seqs]
         r, v = x.shape
-        x = x.float() / torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)[:, None]
+        x = x.float()  # raw model-dtype rows when nothing processed them
+        x = x / torch.tensor([p.temperature for p in params], dtype=x.dtype, device=dev)[:, None]
         top_k = [p.top_k if 0 < p.top_k < v else v for p in params]
         if min(top_k) < v:
             kmax = max(k for k in top_k if k < v)

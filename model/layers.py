@@ -64,20 +64,18 @@ class YarnRope:
         touch on the CPU) where chunk-sized ones are reused and stay in cache."""
         half = x.shape[-1] // 2
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        direct = out.dtype == torch.float32  # rotate straight into the output
         for r0 in range(0, x.shape[0], ROPE_ROWS):
             r1 = min(x.shape[0], r0 + ROPE_ROWS)
-            xs = x[r0:r1].float()  # an fp32 x is used as it is (only read)
+            xs = x[r0:r1].float()
             c, s = cos[r0:r1, None, :], sin[r0:r1, None, :]
             first, second = xs[..., :half], xs[..., half:]
-            rot = out[r0:r1] if direct else torch.empty(xs.shape, device=x.device)
+            rot = torch.empty(xs.shape, device=x.device)
             rot_first, rot_second = rot[..., :half], rot[..., half:]
             torch.mul(first, c, out=rot_first)
             rot_first.sub_(second * s)
             torch.mul(second, c, out=rot_second)
             rot_second.add_(first * s)
-            if not direct:
-                out[r0:r1] = rot
+            out[r0:r1] = rot  # rounded once to x's dtype
         return out
 
 

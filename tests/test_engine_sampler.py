@@ -151,7 +151,6 @@ def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
             assert torch.equal(greedy_argmax(y), y.argmax(dim=-1)), (vocab, trial, dtype)
 
 
-
 def test_model_dtype_logits_sample_as_their_float32_upcast() -> None:
     """The model hands over bf16 logits on a bf16 model; every feature (argmax, penalties,
     bias, min_tokens, temperature/top-k/top-p/min-p draws, logprobs) must give exactly what
@@ -177,3 +176,14 @@ def test_model_dtype_logits_sample_as_their_float32_upcast() -> None:
     assert low.token_ids == high.token_ids
     assert low.logprobs == high.logprobs
     assert low.token_ids[0] == 5
+
+
+def test_temperature_is_not_rounded_to_the_logits_dtype() -> None:
+    """Temperatures divide float32 logits at full precision, whatever dtype the logits came in
+    (a bf16 temperature 0.8 would be 0.80078125, which moves some draws near the boundary)."""
+    rows = 20_000
+    x = torch.tensor([[1.0, 0.0]] * rows, dtype=torch.bfloat16)  # exact in bf16
+    seqs = [seq(SamplingParams(temperature=0.8)) for _ in range(rows)]
+    got = Sampler(2, torch.device("cpu"), seed=0)._sample(x, seqs)
+    want = Sampler(2, torch.device("cpu"), seed=0)._sample(x.float(), seqs)
+    assert torch.equal(got, want)
