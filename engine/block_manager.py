@@ -230,11 +230,13 @@ class KVBlockManager:
     def grow(self, seq: Sequence, num_new: int) -> None:
         """Allocate what the next ``num_new`` tokens need (the caller checked can_schedule)."""
         need = self._num_blocks(seq.num_computed_tokens + num_new)
+        table = seq.sliding_blocks
+        if len(seq.full_blocks) >= need and (self.window is None or len(table) >= need):
+            return  # most decodes: sliding entries from the window start on are held already
         while len(seq.full_blocks) < need:
             seq.full_blocks.append(self.full.allocate())
         if self.window is None:
             return
-        table = seq.sliding_blocks
         if len(table) < need:
             table.extend([NO_BLOCK] * (need - len(table)))
         for i in range(self.sliding_start(seq.num_computed_tokens), need):

@@ -47,8 +47,12 @@ class ModelRunner:
         sample_seqs: list[Sequence] = []
         for seq, n in zip(sched.seqs, sched.num_new_tokens, strict=True):
             c = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[c : c + n])
-            positions.extend(range(c, c + n))
+            if n == 1:  # a decode: most rows of most steps
+                input_ids.append(seq.token_ids[c])
+                positions.append(c)
+            else:
+                input_ids.extend(seq.token_ids[c : c + n])
+                positions.extend(range(c, c + n))
             query_start.append(query_start[-1] + n)
             context_lens.append(c)
             # Only a step that reaches the end of the known tokens produces a next token;

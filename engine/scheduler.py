@@ -76,15 +76,16 @@ class Scheduler:
 
         # Running sequences first: decodes (oldest first), then prefill chunks still under
         # way, so a long prompt never holds up everyone's next token.
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        chunks = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        uncomputed = [(s, s.num_uncomputed_tokens) for s in self.running]
+        decodes = [(s, n) for s, n in uncomputed if n == 1]
+        chunks = [(s, n) for s, n in uncomputed if n > 1]
         scheduled: dict[Sequence, int] = {}
-        for seq in decodes + chunks:
+        for seq, left in decodes + chunks:
             if budget <= 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(left, budget)
             while not bm.can_schedule(seq, n):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)

@@ -132,20 +132,35 @@ def test_forced_tokens_keep_model_logprobs() -> None:
 def test_greedy_argmax_is_torch_argmax(vocab: int) -> None:
     """The rule: the first index of each row's maximum, NaN counting as the maximum, for any
     vocabulary size and any placement of ties (within a chunk, across chunks, in the short
-    last chunk), for float32 and bfloat16 logits."""
+    last chunk), for float32 and bfloat16 logits; also where bit patterns do not order as
+    values (negative NaNs, rows with no positive value, +0 tied with -0, infinities)."""
     g = torch.Generator().manual_seed(vocab)
-    for trial in range(20):
+    negative_nan = torch.zeros(()) * float("inf")  # what x86 makes: sign bit set
+    assert negative_nan.view(torch.int32) < 0
+    for trial in range(40):
         rows = 1 + trial % 5
         x = torch.randn(rows, vocab, generator=g)
-        if trial % 4 == 1:  # few distinct values: ties everywhere
+        kind = trial % 8
+        if kind == 1:  # few distinct values: ties everywhere
             x = torch.randint(0, 3, (rows, vocab), generator=g).float()
-        if trial % 4 == 2 and vocab > 1:  # the maximum repeated at random places
+        if kind == 2 and vocab > 1:  # the maximum repeated at random places
             for r in range(rows):
                 idx = torch.randint(0, vocab, (3,), generator=g)
                 x[r, idx] = x[r].max() + 1
-        if trial % 4 == 3:
+        if kind == 3:
             x[0, torch.randint(0, vocab, (1,), generator=g)] = float("nan")
             x[-1] = float("-inf")
+        if kind == 4:  # negative NaNs among ordinary values
+            x[-1, torch.randint(0, vocab, (2,), generator=g)] = negative_nan
+        if kind == 5:  # no positive value: the maximum is negative, or -0 tied with +0
+            x = -x.abs() - 0.5
+            x[0, torch.randint(0, vocab, (3,), generator=g)] = -0.0
+            x[0, torch.randint(0, vocab, (3,), generator=g)] = 0.0
+            x[-1, torch.randint(0, vocab, (3,), generator=g)] = -0.0
+        if kind == 6:  # infinities: +inf is the maximum; +inf with -inf sums to NaN
+            x[0, torch.randint(0, vocab, (2,), generator=g)] = float("inf")
+            x[-1, torch.randint(0, vocab, (2,), generator=g)] = float("inf")
+            x[-1, torch.randint(0, vocab, (2,), generator=g)] = float("-inf")
         for dtype in (torch.float32, torch.bfloat16):
             y = x.to(dtype)
             assert torch.equal(greedy_argmax(y), y.argmax(dim=-1)), (vocab, trial, dtype)
