@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import FastAPI
 
@@ -24,6 +26,7 @@ from server.settings import ServerSettings
 from server.state import ServerState
 
 logger = logging.getLogger("server")
+T = TypeVar("T")
 
 
 def _gib(n: int | None) -> str:
@@ -88,11 +91,40 @@ def log_startup(state: ServerState) -> None:
     )
 
 
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a daemon thread. Unlike ``asyncio.to_thread`` (the default executor,
+    which ``asyncio.run`` joins on the way out), a load that never returns (weights on a hung
+    network mount) cannot keep the process alive after SIGTERM; if the awaiting task is
+    cancelled, the result is dropped."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled meanwhile
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"load-{getattr(fn, '__name__', 'task')}", daemon=True).start()
+    return await future
+
+
 async def _load(state: ServerState, given_engine: Any = None) -> None:
     try:
-        state.tokenizer = state.tokenizer or await asyncio.to_thread(load_tokenizer)
+        state.tokenizer = state.tokenizer or await in_daemon_thread(load_tokenizer)
         if given_engine is None:
-            engine = await asyncio.to_thread(build_engine, state.settings, state.tokenizer)
+            engine = await in_daemon_thread(build_engine, state.settings, state.tokenizer)
         else:
             engine = given_engine
             if not engine.is_alive:
@@ -155,5 +187,6 @@ def create_app(settings: ServerSettings, engine: Any = None) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(completions_router)
     app.include_router(misc_router)
-    app.add_middleware(RequestContextMiddleware, state=state)
+    routes = [*chat_router.routes, *completions_router.routes, *misc_router.routes]
+    app.add_middleware(RequestContextMiddleware, state=state, routes=routes)
     return app

@@ -13,8 +13,10 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
@@ -36,10 +38,21 @@ def _key_matches(given: str, keys: list[str]) -> bool:
     return ok
 
 
+def _endpoint_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route template a request belongs to (bounded label values). A request refused
+    here (401, 503, 413) never reached the router, so its route is looked up among
+    ``routes``; a path none of them serves is "unmatched"."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.state = state
+        self.routes = routes  # the API's routes, to label requests refused before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,9 +119,7 @@ class RequestContextMiddleware:
         finally:
             if guarded:
                 self.state.drain.request_finished()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.state.metrics.observe_request(endpoint, status)
+            self.state.metrics.observe_request(_endpoint_label(scope, self.routes), status)
             logger.log(
                 logging.INFO if guarded else logging.DEBUG,  # probes every few seconds: debug only
                 "%s %s %s %d %.1fms",

@@ -14,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.testing import ServerProcess
 
@@ -281,6 +282,20 @@ def test_auth(server):
     bad = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
+    # Refused before routing, still counted under the route they asked for (bounded labels:
+    # a path no route serves is "unmatched").
+    assert httpx.get(url + "/v1/models/some-model").status_code == 401
+    assert httpx.post(url + "/v1/nothing-here", json={}).status_code == 401
+    counts = {
+        (s.labels["endpoint"], s.labels["status"]): s.value
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        if family.name == "gptoss_requests"
+        for s in family.samples
+        if s.name == "gptoss_requests_total"
+    }
+    assert counts[("/v1/models", "401")] >= 4
+    assert counts[("/v1/models/{model_id:path}", "401")] >= 1
+    assert counts[("unmatched", "401")] >= 1
 
 
 def test_queue_full_is_429_with_retry_after(server):
