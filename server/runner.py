@@ -2,7 +2,8 @@
 
 SIGTERM/SIGINT once: drain (``/ready`` 503 at once, new requests 503, in-flight requests run
 up to ``--drain-timeout``), then exit 0. Twice: abort what is left now (each client gets an
-error event), then exit 0. A failed model load exits 1.
+error event), then exit 0. A failed model load exits 1; a signal during the load exits 0
+at once (the load runs in a daemon thread, see ``server.app.in_daemon_thread``).
 """
 
 from __future__ import annotations

@@ -54,7 +54,9 @@ class ServerProcess:
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    def start(self) -> ServerProcess:
+    def start(self, until: str = "/ready") -> ServerProcess:
+        """Start, then wait until the probe ``until`` answers 200 ("/health": the process
+        serves, whether or not the model has loaded)."""
         with open(self._log_path, "wb") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout
@@ -64,12 +66,12 @@ class ServerProcess:
                 self.__exit__()
                 raise RuntimeError(message)
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                if httpx.get(self.url + until, timeout=2).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        message = f"server not ready after {self.ready_timeout}s:\n{self.log()}"
+        message = f"server: {until} not 200 after {self.ready_timeout}s:\n{self.log()}"
         self.__exit__()
         raise RuntimeError(message)
 

@@ -130,3 +130,25 @@ def test_drain_aborts_leftovers_with_an_error_event(tiny_checkpoint_dir, tmp_pat
         assert server.wait(timeout=15) == 0
     finally:
         server.stop()
+
+
+def test_sigterm_while_the_model_loads_exits_promptly(tiny_checkpoint_dir, tmp_path):
+    """A load that does not finish (here: weights behind a FIFO nobody writes, as a hung
+    network mount would be) must not keep the process alive after SIGTERM: the pod would
+    otherwise sit until the kubelet's SIGKILL. Not ready while loading, exit 0 on SIGTERM."""
+    import os
+
+    stuck = tmp_path / "stuck_ckpt"
+    stuck.mkdir()
+    (stuck / "config.json").write_bytes((tiny_checkpoint_dir / "config.json").read_bytes())
+    os.mkfifo(stuck / "model.safetensors")
+    server = ServerProcess(["--model", str(stuck)]).start(until="/health")
+    try:
+        assert httpx.get(server.url + "/health").json()["status"] == "loading"
+        assert httpx.get(server.url + "/ready").status_code == 503
+        signalled = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        assert time.monotonic() - signalled < 20
+    finally:
+        server.stop(timeout=5)
