@@ -58,7 +58,9 @@ class LevelResult:
     computed_tokens: int = 0
 
 
-def make_workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int) -> list[Request]:
+def make_workload(
+    n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], seed: int
+) -> list[Request]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -76,7 +78,9 @@ def layer_params_per_token(c: ModelConfig) -> int:
     and its k experts (embedding lookup and unembedding excluded)."""
     attn = c.hidden_size * c.qkv_dim + c.q_dim * c.hidden_size
     router = c.num_experts * c.hidden_size
-    experts = c.experts_per_token * (c.hidden_size * 2 * c.intermediate_size + c.intermediate_size * c.hidden_size)
+    experts = c.experts_per_token * (
+        c.hidden_size * 2 * c.intermediate_size + c.intermediate_size * c.hidden_size
+    )
     return c.num_layers * (attn + router + experts)
 
 
@@ -97,7 +101,9 @@ def workload_flops(c: ModelConfig, workload: list[Request]) -> float:
         w = c.sliding_window or n
         m = min(n, w)
         keys_sliding = m * (m + 1) / 2 + (n - m) * w
-        total += n * layer + 4 * c.q_dim * (n_full * keys_full + n_sliding * keys_sliding) + r.output_len * head
+        total += (
+            n * layer + 4 * c.q_dim * (n_full * keys_full + n_sliding * keys_sliding) + r.output_len * head
+        )
     return total
 
 
@@ -189,7 +195,9 @@ class _FirstCall:
         return scores
 
 
-def run_transformers_level(hf: object, workload: list[Request], concurrency: int, pad_id: int, device: torch.device) -> LevelResult:
+def run_transformers_level(
+    hf: object, workload: list[Request], concurrency: int, pad_id: int, device: torch.device
+) -> LevelResult:
     from transformers import LogitsProcessorList
 
     ttfts: list[float] = []
@@ -199,7 +207,9 @@ def run_transformers_level(hf: object, workload: list[Request], concurrency: int
         batch = workload[start : start + concurrency]
         width = max(len(r.prompt) for r in batch)
         ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + r.prompt for r in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch], device=device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in batch], device=device
+        )
         longest = max(r.output_len for r in batch)
         first = _FirstCall()
         tb = time.perf_counter()
@@ -225,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", default="32,512", help="min,max prompt tokens")
     ap.add_argument("--output-len", default="16,256", help="min,max output tokens")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model-dir", help="an existing checkpoint (default: a random one of --preset in a temp dir)")
+    ap.add_argument(
+        "--model-dir", help="an existing checkpoint (default: a random one of --preset in a temp dir)"
+    )
     ap.add_argument("--preset", default="small")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
                     help="weights, activations and KV cache of both systems (bfloat16: the fast CPU setting)")  # fmt: skip
@@ -233,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--kv-cache-memory", type=int, default=None)
-    ap.add_argument("--packed-experts", action="store_true", help="keep experts MXFP4 (default: dequantize at load)")
-    ap.add_argument("--overhead-steps", type=int, default=20, help="decode steps timed for the batch-64 overhead (median)")
+    ap.add_argument(
+        "--packed-experts", action="store_true", help="keep experts MXFP4 (default: dequantize at load)"
+    )
+    ap.add_argument(
+        "--overhead-steps", type=int, default=20, help="decode steps timed for the batch-64 overhead (median)"
+    )
     ap.add_argument("--roofline-size", type=int, default=2048)
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args(argv)
@@ -254,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = make_checkpoint(Path(tmp.name), preset=args.preset, layout="hf", seed=args.seed)
     workload = make_workload(args.num_requests, prompt_range, output_range, args.seed)  # type: ignore[arg-type]
 
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
     print(f"workload: {len(workload)} requests, prompts {prompt_range}, outputs {output_range}, greedy, ignore_eos; "
           f"{sum(len(r.prompt) for r in workload)} prompt / {sum(r.output_len for r in workload)} output tokens")  # fmt: skip
     roofline = matmul_roofline(dtype, device, args.roofline_size)
@@ -274,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     engine_results: dict[int, LevelResult] = {}
     for c in levels:
         engine = LLMEngine(engine_config(args, model_dir, c), model=model)
-        engine_results[c] = r = run_engine_level(engine, level_workload(workload, c, args.requests_per_slot), c)
+        engine_results[c] = r = run_engine_level(
+            engine, level_workload(workload, c, args.requests_per_slot), c
+        )
         print(f"engine c={c}: {r.tok_s:.2f} tok/s, ttft p50 {r.ttft_p50_s:.2f} s, {r.elapsed_s:.1f} s, "
               f"{r.computed_tokens} tokens computed", flush=True)  # fmt: skip
         del engine
@@ -289,16 +309,26 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import GptOssForCausalLM, Mxfp4Config
 
         hf = GptOssForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="eager", quantization_config=Mxfp4Config(dequantize=True)
+            model_dir,
+            dtype=dtype,
+            attn_implementation="eager",
+            quantization_config=Mxfp4Config(dequantize=True),
         ).to(device)
         hf.eval()
         pad_id = ModelConfig.from_dir(model_dir).pad_token_id
         for c in levels:
-            hf_results[c] = r = run_transformers_level(hf, level_workload(workload, c, args.requests_per_slot), c, pad_id, device)
-            print(f"transformers c={c}: {r.tok_s:.2f} tok/s, ttft p50 {r.ttft_p50_s:.2f} s, {r.elapsed_s:.1f} s", flush=True)
+            hf_results[c] = r = run_transformers_level(
+                hf, level_workload(workload, c, args.requests_per_slot), c, pad_id, device
+            )
+            print(
+                f"transformers c={c}: {r.tok_s:.2f} tok/s, ttft p50 {r.ttft_p50_s:.2f} s, {r.elapsed_s:.1f} s",
+                flush=True,
+            )
 
     print()
-    print("| concurrency | engine tok/s | transformers tok/s | ratio | engine TTFT p50 (s) | transformers TTFT p50 (s) | roofline fraction |")
+    print(
+        "| concurrency | engine tok/s | transformers tok/s | ratio | engine TTFT p50 (s) | transformers TTFT p50 (s) | roofline fraction |"
+    )
     print("|---|---|---|---|---|---|---|")
     summary: dict[str, dict[str, float | None]] = {}
     for c in levels:

@@ -181,7 +181,9 @@ class KVBlockManager:
             # Fast path (most decodes): the step stays inside blocks already held. Sliding
             # entries from the window start onwards are always held for a running sequence.
             end = seq.num_computed_tokens + num_new
-            if end <= len(seq.full_blocks) * bs and (self.window is None or end <= len(seq.sliding_blocks) * bs):
+            if end <= len(seq.full_blocks) * bs and (
+                self.window is None or end <= len(seq.sliding_blocks) * bs
+            ):
                 return 0, 0
         if hit:
             computed = hit * bs

@@ -28,7 +28,9 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device) -> KVPlan:
+def plan_kv_cache(
+    config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> KVPlan:
     bs = config.block_size
     full_bytes, sliding_bytes = KVCache.bytes_per_block(model_config, bs, dtype)
     has_sliding = bool(model_config.sliding_layers)
@@ -44,7 +46,10 @@ def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, dtype: torch.
         window_blocks = _ceil_div(model_config.sliding_window - 1, bs) + 2
         working = config.max_num_seqs * window_blocks + _ceil_div(config.max_num_batched_tokens, bs)
         factor = SLIDING_CACHE_FACTOR if config.enable_prefix_caching else 1
-        num_sliding = min(working * factor, config.max_num_seqs * blocks_per_seq + _ceil_div(config.max_num_batched_tokens, bs))
+        num_sliding = min(
+            working * factor,
+            config.max_num_seqs * blocks_per_seq + _ceil_div(config.max_num_batched_tokens, bs),
+        )
         one_seq = min(window_blocks + _ceil_div(config.max_num_batched_tokens, bs), blocks_per_seq + 1)
     else:
         num_sliding = one_seq = 0
@@ -55,7 +60,9 @@ def plan_kv_cache(config: EngineConfig, model_config: ModelConfig, dtype: torch.
         if device.type == "cpu":
             budget = min(DEFAULT_CPU_KV_BYTES, want)
         else:
-            free, _total = torch.cuda.mem_get_info(device) if device.type == "cuda" else (DEFAULT_CPU_KV_BYTES, 0)
+            free, _total = (
+                torch.cuda.mem_get_info(device) if device.type == "cuda" else (DEFAULT_CPU_KV_BYTES, 0)
+            )
             budget = min(int(free * ACCELERATOR_KV_FRACTION), want)
 
     # The sliding pool takes at most half the budget (but always one sequence's working set).

@@ -90,13 +90,17 @@ class LLMEngine:
         if model is None:
             from model.loader import load_model
 
-            model = load_model(config.model_dir, self.dtype, self.device, dequantize_experts=config.dequantize_experts)
+            model = load_model(
+                config.model_dir, self.dtype, self.device, dequantize_experts=config.dequantize_experts
+            )
         self.model = model
         self._model_config: ModelConfig = model.config
         mc = self._model_config
         plan = plan_kv_cache(config, mc, self.dtype, self.device)
         self._kv_plan = plan
-        self.kv_cache = KVCache(mc, config.block_size, plan.num_full_blocks, plan.num_sliding_blocks, self.dtype, self.device)
+        self.kv_cache = KVCache(
+            mc, config.block_size, plan.num_full_blocks, plan.num_sliding_blocks, self.dtype, self.device
+        )
         has_sliding = bool(mc.sliding_layers)
         self.block_manager = KVBlockManager(
             config.block_size,
@@ -165,7 +169,9 @@ class LLMEngine:
                 f"generated, but the context holds {self.max_model_len} tokens"
             )
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None
+    ) -> None:
         params = params if params is not None else SamplingParams()
         prompt_ids = [int(t) for t in prompt_ids]
         self.validate_request(request_id, prompt_ids, params)
@@ -236,7 +242,9 @@ class LLMEngine:
             forward_s = t_sample - t_fwd
             forced = None
             if self.config.token_source is not None:
-                forced = [int(self.config.token_source(s.prompt_ids, s.output_ids)) for s in batch.sample_seqs]
+                forced = [
+                    int(self.config.token_source(s.prompt_ids, s.output_ids)) for s in batch.sample_seqs
+                ]
             sampled = self.sampler(logits, batch.sample_seqs, forced)
             sampler_s = time.perf_counter() - t_sample
         except Exception as exc:  # fail this step's requests, keep the engine
@@ -258,7 +266,9 @@ class LLMEngine:
         self.timing.total_s += time.perf_counter() - t0
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
+    def _append_token(
+        self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float
+    ) -> RequestOutput:
         seq.token_ids.append(token)
         seq.new_token_ids.append(token)
         if logprob is not None:
@@ -305,7 +315,9 @@ class LLMEngine:
         self._consecutive_failures += 1
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-            return self.fail_all(f"{message} ({self._consecutive_failures} failed steps in a row; engine stopped)")
+            return self.fail_all(
+                f"{message} ({self._consecutive_failures} failed steps in a row; engine stopped)"
+            )
         return [self._finish(seq, "error", message) for seq in sched.seqs if seq.request_id in self._seqs]
 
     def fail_all(self, message: str) -> list[RequestOutput]:

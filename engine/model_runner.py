@@ -63,7 +63,9 @@ class ModelRunner:
         dev = self.device
         full_table = _table([s.full_blocks for s in sched.seqs], dev)
         # A model without sliding layers never reads the sliding table; hand it the full one.
-        sliding_table = _table([s.sliding_blocks for s in sched.seqs], dev) if self.has_sliding_layers else full_table
+        sliding_table = (
+            _table([s.sliding_blocks for s in sched.seqs], dev) if self.has_sliding_layers else full_table
+        )
         meta = BatchMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             query_start=torch.tensor(query_start, dtype=torch.long, device=dev),

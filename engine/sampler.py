@@ -86,7 +86,11 @@ class Sampler:
         else:
             x = self._process(logits, seqs)
             random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_EPS]
-            tokens = greedy_argmax(x) if len(random_rows) < n else torch.empty(n, dtype=torch.long, device=x.device)
+            tokens = (
+                greedy_argmax(x)
+                if len(random_rows) < n
+                else torch.empty(n, dtype=torch.long, device=x.device)
+            )
             if random_rows:
                 idx = torch.tensor(random_rows, device=x.device)
                 tokens[idx] = self._sample(x.index_select(0, idx), [seqs[i] for i in random_rows])
@@ -116,7 +120,9 @@ class Sampler:
                         ban_cols.append(tok)
         if not (pen_rows or bias_rows or ban_rows):
             return logits
-        x = logits.float() if logits.dtype != torch.float32 else logits.clone()  # raw logits stay for logprobs
+        x = (
+            logits.float() if logits.dtype != torch.float32 else logits.clone()
+        )  # raw logits stay for logprobs
         dev = x.device
         if pen_rows:
             x[torch.tensor(pen_rows, device=dev)] = self._penalize(
@@ -187,7 +193,9 @@ class Sampler:
         cdf = probs.cumsum(dim=-1)
         total = cdf[:, -1:]
         # Strictly below the total, so the first cdf entry above it has positive mass.
-        target = torch.minimum((u[:, None] * total.double()).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total)))
+        target = torch.minimum(
+            (u[:, None] * total.double()).to(cdf.dtype), torch.nextafter(total, torch.zeros_like(total))
+        )
         return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=v - 1)
 
     def _top_p(self, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -208,7 +216,9 @@ class Sampler:
         return probs.masked_fill(~keep, 0.0)
 
     # -- logprobs ----------------------------------------------------------------------------
-    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor) -> list[TokenLogprob | None]:
+    def _logprobs(
+        self, logits: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor
+    ) -> list[TokenLogprob | None]:
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         out: list[TokenLogprob | None] = [None] * len(seqs)
         if not rows:
@@ -217,12 +227,16 @@ class Sampler:
         lp = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
         chosen = lp.gather(1, tokens.index_select(0, idx)[:, None]).squeeze(1).tolist()
         kmax = max(seqs[i].params.logprobs or 0 for i in rows)
-        top_vals, top_ids = (lp.topk(kmax, dim=-1) if kmax else (None, None))
+        top_vals, top_ids = lp.topk(kmax, dim=-1) if kmax else (None, None)
         tv = top_vals.tolist() if top_vals is not None else None
         ti = top_ids.tolist() if top_ids is not None else None
         chosen_ids = tokens.index_select(0, idx).tolist()
         for j, i in enumerate(rows):
             k = seqs[i].params.logprobs or 0
-            top = list(zip(ti[j][:k], tv[j][:k], strict=True)) if k and ti is not None and tv is not None else []
+            top = (
+                list(zip(ti[j][:k], tv[j][:k], strict=True))
+                if k and ti is not None and tv is not None
+                else []
+            )
             out[i] = TokenLogprob(token_id=chosen_ids[j], logprob=chosen[j], top=top)
         return out

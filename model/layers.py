@@ -275,7 +275,9 @@ def moe(
     return out.index_add_(0, token_of, weighted).to(y.dtype)
 
 
-def _experts_one_by_one(x: torch.Tensor, counts: list[int], experts: ExpertWeights, config: ModelConfig) -> torch.Tensor:
+def _experts_one_by_one(
+    x: torch.Tensor, counts: list[int], experts: ExpertWeights, config: ModelConfig
+) -> torch.Tensor:
     """x [P, H] rows grouped by expert -> [P, H]. Only the experts that received rows run
     (and, when MXFP4, get dequantized): two matmuls each, the SwiGLU between them."""
     mlp1_bias = experts.mlp1_bias.to(x.dtype)

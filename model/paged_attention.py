@@ -263,7 +263,8 @@ def paged_attention(
         else:
             assert k_cache is not None and v_cache is not None
             keys, values = (
-                x[:, p.key_offset : p.key_offset + p.num_keys] for x in _gather_blocks(k_cache, v_cache, p.blocks)
+                x[:, p.key_offset : p.key_offset + p.num_keys]
+                for x in _gather_blocks(k_cache, v_cache, p.blocks)
             )
         keys, values = keys.float(), values.float()  # once, not once per tile
         for t in p.tiles:

@@ -43,7 +43,12 @@ def model(ckpt: Path) -> torch.nn.Module:
 
 
 def make_engine(ckpt: Path, model: torch.nn.Module, **kw: object) -> LLMEngine:
-    opts: dict = {"block_size": BLOCK, "kv_cache_memory": 1 << 20, "max_num_seqs": 8, "max_num_batched_tokens": 32}
+    opts: dict = {
+        "block_size": BLOCK,
+        "kv_cache_memory": 1 << 20,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 32,
+    }
     opts.update(kw)
     return LLMEngine(EngineConfig(model_dir=str(ckpt), **opts), model=model)
 
@@ -52,7 +57,9 @@ def prompt(n: int, seed: int) -> list[int]:
     return torch.randint(0, 200_000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def run(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[RequestOutput]]:
+def run(
+    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
+) -> dict[str, list[RequestOutput]]:
     for rid, (ids, params) in requests.items():
         engine.add_request(rid, ids, params)
     outs: dict[str, list[RequestOutput]] = {rid: [] for rid in requests}
@@ -123,12 +130,18 @@ def test_seeded_sampling_is_independent_of_the_batch(ckpt: Path, model: torch.nn
     }
     together = tokens(run(make_engine(ckpt, model, seed=5), crowd)["x"])
     assert together == alone
-    other_seed = tokens(run(make_engine(ckpt, model), {"x": (ids, SamplingParams(temperature=1.0, seed=43, max_tokens=8))})["x"])
+    other_seed = tokens(
+        run(make_engine(ckpt, model), {"x": (ids, SamplingParams(temperature=1.0, seed=43, max_tokens=8))})[
+            "x"
+        ]
+    )
     assert other_seed != alone
 
 
 def test_preemption_under_a_tiny_cache_gives_the_same_tokens(ckpt: Path, model: torch.nn.Module) -> None:
-    requests = {f"p{i}": (prompt(14 + 3 * i, 200 + i), SamplingParams(temperature=0, max_tokens=16)) for i in range(4)}
+    requests = {
+        f"p{i}": (prompt(14 + 3 * i, 200 + i), SamplingParams(temperature=0, max_tokens=16)) for i in range(4)
+    }
     roomy = run(make_engine(ckpt, model), requests)
     # Full-pool block: 2 (K,V) * 4 tokens * 2 heads * 16 dims * 4 bytes * 1 full layer = 1 KiB;
     # sliding the same. 28 KiB: 14 full blocks (56 tokens) for 4 sequences of up to 39 tokens.
@@ -223,14 +236,29 @@ def test_stop_tokens_min_tokens_and_ignore_eos(ckpt: Path, model: torch.nn.Modul
     stop = free[3]
     first = free.index(stop)
     engine = make_engine(ckpt, model)
-    outs = run(engine, {"s": (ids, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop, 5]))})["s"]
+    outs = run(engine, {"s": (ids, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop, 5]))})[
+        "s"
+    ]
     last = final(outs)
     assert last.finish_reason == "stop" and last.stop_token_id == stop
     assert tokens(outs) == free[: first + 1]  # the stop token is part of the output
-    ignored = run(engine, {"i": (ids, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop], ignore_eos=True))})
+    ignored = run(
+        engine,
+        {"i": (ids, SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop], ignore_eos=True))},
+    )
     assert tokens(ignored["i"]) == free
     # min_tokens: the stop id cannot be chosen before 5 tokens exist.
-    held = tokens(run(engine, {"m": (ids, SamplingParams(temperature=0, max_tokens=10, min_tokens=5, stop_token_ids=[free[0]]))})["m"])
+    held = tokens(
+        run(
+            engine,
+            {
+                "m": (
+                    ids,
+                    SamplingParams(temperature=0, max_tokens=10, min_tokens=5, stop_token_ids=[free[0]]),
+                )
+            },
+        )["m"]
+    )
     assert held[0] != free[0] and (free[0] not in held[:5])
 
 

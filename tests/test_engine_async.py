@@ -21,7 +21,9 @@ from model.loader import load_model
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("async_tiny"), preset="tiny", layout="hf", seed=2, sliding_window=8)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("async_tiny"), preset="tiny", layout="hf", seed=2, sliding_window=8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,12 @@ def model(ckpt: Path) -> torch.nn.Module:
 
 
 def config(ckpt: Path, **kw: object) -> EngineConfig:
-    opts: dict = {"block_size": 4, "kv_cache_memory": 1 << 20, "max_num_seqs": 8, "max_num_batched_tokens": 32}
+    opts: dict = {
+        "block_size": 4,
+        "kv_cache_memory": 1 << 20,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 32,
+    }
     opts.update(kw)
     return EngineConfig(model_dir=str(ckpt), **opts)
 
@@ -146,11 +153,15 @@ def test_a_failing_step_ends_streams_with_an_error(ckpt: Path, model: torch.nn.M
 
         async def main() -> None:
             flaky.failing = True
-            outs = await collect(engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+            outs = await collect(
+                engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
+            )
             assert outs[-1].finish_reason == "error" and "simulated failure" in (outs[-1].error or "")
             assert engine.is_alive
             flaky.failing = False
-            outs = await collect(engine.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4)))
+            outs = await collect(
+                engine.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
+            )
             assert outs[-1].finish_reason == "length"
 
         asyncio.run(main())

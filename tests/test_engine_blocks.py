@@ -12,7 +12,9 @@ from engine.types import RequestMetrics, SamplingParams
 
 
 def make_seq(rid: str, tokens: list[int]) -> Sequence:
-    return Sequence(request_id=rid, prompt_ids=list(tokens), params=SamplingParams(), metrics=RequestMetrics(0.0))
+    return Sequence(
+        request_id=rid, prompt_ids=list(tokens), params=SamplingParams(), metrics=RequestMetrics(0.0)
+    )
 
 
 def run_step(bm: KVBlockManager, seq: Sequence, n: int) -> None:
@@ -186,7 +188,10 @@ def test_decodes_are_scheduled_before_a_long_prefill() -> None:
 
 def check_invariants(bm: KVBlockManager, seqs: list[Sequence]) -> None:
     """Reference counts equal table references; free lists, LRU and hash maps agree."""
-    for pool, tables in ((bm.full, [s.full_blocks for s in seqs]), (bm.sliding, [s.sliding_blocks for s in seqs])):
+    for pool, tables in (
+        (bm.full, [s.full_blocks for s in seqs]),
+        (bm.sliding, [s.sliding_blocks for s in seqs]),
+    ):
         refs = [0] * pool.num_blocks
         for table in tables:
             for b in table:

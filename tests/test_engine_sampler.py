@@ -65,7 +65,9 @@ def test_logit_bias_min_tokens_and_penalties() -> None:
     ]
     processed = sampler()._process(y, s)
     assert processed[0, 3].item() == 0.5
-    assert processed[1, 5].item() == -2.0 and processed[1, 6].item() == -0.5 and processed[1, 3].item() == -4.0
+    assert (
+        processed[1, 5].item() == -2.0 and processed[1, 6].item() == -0.5 and processed[1, 3].item() == -4.0
+    )
 
 
 def test_seeded_rows_do_not_depend_on_the_batch() -> None:

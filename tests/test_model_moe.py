@@ -10,7 +10,9 @@ from model.config import ModelConfig
 from model.layers import ExpertWeights, moe
 
 
-def _experts(config: ModelConfig, dtype: torch.dtype, seed: int) -> tuple[ExpertWeights, torch.Tensor, torch.Tensor]:
+def _experts(
+    config: ModelConfig, dtype: torch.dtype, seed: int
+) -> tuple[ExpertWeights, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
     experts = ExpertWeights(
@@ -32,7 +34,12 @@ def test_batched_experts_equal_one_by_one(monkeypatch, dtype, tokens):
     batched = moe(y, experts, router_w, router_b, config)
     monkeypatch.setattr(layers, "BATCHED_EXPERT_ROWS", 0)
     one_by_one = moe(y, experts, router_w, router_b, config)
-    torch.testing.assert_close(batched, one_by_one, rtol=1e-5 if dtype == torch.float32 else 0, atol=1e-5 if dtype == torch.float32 else 0)
+    torch.testing.assert_close(
+        batched,
+        one_by_one,
+        rtol=1e-5 if dtype == torch.float32 else 0,
+        atol=1e-5 if dtype == torch.float32 else 0,
+    )
 
 
 def test_prepacked_model_gives_the_same_logits(tiny_checkpoint_dir, monkeypatch):
