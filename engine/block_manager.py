@@ -172,19 +172,20 @@ class KVBlockManager:
         return k
 
     # -- allocation -----------------------------------------------------------------------
+    def _holds(self, seq: Sequence, num_new: int) -> bool:
+        """Whether the next ``num_new`` tokens fit in blocks ``seq`` already holds (most
+        decodes). Sliding entries from the window start onwards are always held for a
+        running sequence, so table lengths decide."""
+        need = self._num_blocks(seq.num_computed_tokens + num_new)
+        return len(seq.full_blocks) >= need and (self.window is None or len(seq.sliding_blocks) >= need)
+
     def _blocks_needed(self, seq: Sequence, num_new: int, hit: int) -> tuple[int, int]:
         """Free blocks (full, sliding) that scheduling ``num_new`` tokens would consume; ``hit``
         > 0 only for an unadmitted sequence reusing that many cached blocks (reviving a
         cached block that is free consumes a free block too)."""
         bs = self.block_size
-        if not hit:
-            # Fast path (most decodes): the step stays inside blocks already held. Sliding
-            # entries from the window start onwards are always held for a running sequence.
-            end = seq.num_computed_tokens + num_new
-            if end <= len(seq.full_blocks) * bs and (
-                self.window is None or end <= len(seq.sliding_blocks) * bs
-            ):
-                return 0, 0
+        if not hit and self._holds(seq, num_new):
+            return 0, 0
         if hit:
             computed = hit * bs
             keys = seq.block_hashes[:hit]
@@ -231,14 +232,14 @@ class KVBlockManager:
 
     def grow(self, seq: Sequence, num_new: int) -> None:
         """Allocate what the next ``num_new`` tokens need (the caller checked can_schedule)."""
+        if self._holds(seq, num_new):
+            return
         need = self._num_blocks(seq.num_computed_tokens + num_new)
-        table = seq.sliding_blocks
-        if len(seq.full_blocks) >= need and (self.window is None or len(table) >= need):
-            return  # most decodes: sliding entries from the window start on are held already
         while len(seq.full_blocks) < need:
             seq.full_blocks.append(self.full.allocate())
         if self.window is None:
             return
+        table = seq.sliding_blocks
         if len(table) < need:
             table.extend([NO_BLOCK] * (need - len(table)))
         for i in range(self.sliding_start(seq.num_computed_tokens), need):

@@ -8,6 +8,7 @@ Without an engine the app builds one in the background after the socket is open 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -96,28 +97,20 @@ async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     which ``asyncio.run`` joins on the way out), a load that never returns (weights on a hung
     network mount) cannot keep the process alive after SIGTERM; if the awaiting task is
     cancelled, the result is dropped."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():  # cancelled meanwhile
-            return
-        if error is None:
-            future.set_result(result)
-        else:
-            future.set_exception(error)
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     def run() -> None:
-        result, error = None, None
+        if not future.set_running_or_notify_cancel():
+            return
         try:
             result = fn(*args)
         except BaseException as exc:  # handed to the awaiting task
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
-            loop.call_soon_threadsafe(settle, result, error)
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
 
     threading.Thread(target=run, name=f"load-{getattr(fn, '__name__', 'task')}", daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(future)
 
 
 async def _load(state: ServerState, given_engine: Any = None) -> None:
@@ -184,9 +177,9 @@ def create_app(settings: ServerSettings, engine: Any = None) -> FastAPI:
     app.state.server = state
     app.openapi = lambda: _honest_openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    app.include_router(chat_router)
-    app.include_router(completions_router)
-    app.include_router(misc_router)
-    routes = [*chat_router.routes, *completions_router.routes, *misc_router.routes]
+    routers = (chat_router, completions_router, misc_router)
+    for router in routers:
+        app.include_router(router)
+    routes = [route for router in routers for route in router.routes]
     app.add_middleware(RequestContextMiddleware, state=state, routes=routes)
     return app
