@@ -13,10 +13,22 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 ACCELERATOR_KV_FRACTION = 0.8
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on CUDA, ``"float32"`` elsewhere (exact on the CPU); a
+    named dtype is returned as it is. Anything else is a ValueError."""
+    if dtype == "auto":
+        return "bfloat16" if device.split(":")[0] == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {DTYPES}, not {dtype!r}")
+    return dtype
+
+
 @dataclass
 class EngineConfig:
     model_dir: str
-    dtype: str = "float32"  # "float32" | "bfloat16": weights, activations and the KV cache
+    # "float32" | "bfloat16" (weights, activations and the KV cache) | "auto" (resolve_dtype:
+    # bfloat16 on CUDA, float32 elsewhere; resolved here, so self.dtype is never "auto").
+    dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16  # tokens per KV block
     # Bytes for the KV cache (both pools). None: on an accelerator a share of free memory;
@@ -32,8 +44,7 @@ class EngineConfig:
     seed: int = 0  # seeds the generator of requests that have no seed of their own
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+        self.dtype = resolve_dtype(self.dtype, self.device)
         if self.block_size <= 0:
             raise ValueError("block_size must be positive")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

@@ -23,7 +23,7 @@ from server.completions import router as completions_router
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
 from server.routes import router as misc_router
-from server.settings import ServerSettings
+from server.settings import ServerSettings, engine_config
 from server.state import ServerState
 
 logger = logging.getLogger("server")
@@ -37,7 +37,6 @@ def _gib(n: int | None) -> str:
 def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
     """Create and start the engine (blocking: loads the weights). Runs in a worker thread."""
     from engine.async_engine import AsyncEngine
-    from engine.config import EngineConfig
 
     if settings.model is None:
         from engine.default_model import ensure_default_checkpoint
@@ -53,25 +52,8 @@ def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
         logger.warning(
             "TEST MODE: outputs are scripted by %s (the model still runs)", settings.scripted_tokens
         )
-    dtype = settings.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if settings.device.startswith("cuda") else "float32"
-    config = EngineConfig(
-        model_dir=model_dir,
-        dtype=dtype,
-        device=settings.device,
-        block_size=settings.block_size,
-        kv_cache_memory=settings.kv_cache_memory,
-        max_num_seqs=settings.max_num_seqs,
-        max_num_batched_tokens=settings.max_num_batched_tokens,
-        max_model_len=settings.max_model_len,
-        max_waiting=settings.max_waiting,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        dequantize_experts=settings.dequantize_experts,
-        token_source=token_source,
-        seed=settings.seed,
-    )
-    logger.info("loading model %s (dtype %s, device %s)", model_dir, dtype, settings.device)
+    config = engine_config(settings, model_dir, token_source=token_source)
+    logger.info("loading model %s (dtype %s, device %s)", model_dir, config.dtype, settings.device)
     engine = AsyncEngine(config)
     engine.start()
     return engine

@@ -1,146 +1,108 @@
-"""Command line and environment: every flag ``--some-flag`` also reads ``GPTOSS_SOME_FLAG``.
+"""Command line and environment, built from the declaration in ``server.settings``.
 
-Flags win over the environment. ``--api-key`` and ``--served-model-name`` may repeat; their
-env vars hold comma-separated lists. Booleans read ``1/true/yes/on`` and ``0/false/no/off``.
-The flag names are a contract with deploy/ (Dockerfile, compose, Kubernetes): keep them.
+Every setting has a flag ``--some-flag`` and an env var ``GPTOSS_SOME_FLAG``; flags win over
+the environment. Repeatable flags (``--api-key``, ``--served-model-name``) take
+comma-separated lists in the environment. Booleans are ``--x/--no-x`` flags and read
+``1/true/yes/on`` and ``0/false/no/off`` from the environment. The flag names are a contract
+with deploy/ (Dockerfile, compose, Kubernetes): keep them.
+
+``python -m server.cli --settings-table`` prints the README's configuration table.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from server.settings import REASONING_EFFORTS, ServerSettings, parse_bytes
+from server.settings import (
+    ENV_PREFIX,
+    UNITS,
+    ServerSettings,
+    Setting,
+    flag_env_name,
+    parse_bytes,
+    settings_declaration,
+    settings_table_markdown,
+)
 
-ENV_PREFIX = "GPTOSS_"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_TYPE_NAMES = {int: "an integer", float: "a number"}
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
-    return value
+def value_parser(s: Setting) -> Callable[[str], Any]:
+    """Text -> one value of ``s`` (a flag's argument or one item of its env var), raising
+    ``argparse.ArgumentTypeError`` with a message fit for the user."""
+
+    def parse(text: str) -> Any:
+        if s.unit == "bytes":
+            try:
+                return parse_bytes(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from exc
+        if s.type in (int, float):
+            try:
+                value = s.type(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"not {_TYPE_NAMES[s.type]}: {text!r}") from None
+            if s.minimum is not None and value < s.minimum:
+                if s.minimum == 1 and s.type is int:
+                    raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
+                raise argparse.ArgumentTypeError(f"must be >= {s.minimum:g}: {text}")
+            return value
+        value = s.type(text.lower() if s.lower else text)
+        if s.choices is not None and value not in s.choices:
+            raise argparse.ArgumentTypeError(f"invalid choice {value!r} (choose from {', '.join(s.choices)})")
+        return value
+
+    parse.__name__ = s.type.__name__  # argparse names the type in some messages
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text}")
-    return value
+def _help(s: Setting) -> str:
+    text = f"{s.what} (default: {s.default_text}; env {s.env})"
+    return text.replace("`", "").replace("%", "%%")
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_bytes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    d = ServerSettings()
+def _parser() -> argparse.ArgumentParser:
+    """The parser with no defaults: a namespace holds only the flags given."""
     p = argparse.ArgumentParser(
         prog="gptoss-server",
         description="OpenAI-compatible server for gpt-oss models. Every flag also reads the env var "
-        "GPTOSS_<FLAG_IN_UPPER_SNAKE_CASE> (flags win).",
+        f"{ENV_PREFIX}<FLAG_IN_UPPER_SNAKE_CASE> (flags win).",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--host", default=d.host, help="bind address (default %(default)s)")
-    p.add_argument("--port", type=int, default=d.port, help="TCP port (default %(default)s)")
-    p.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint folder (HF or original layout); omitted = an embedded random-weight tiny model",
-    )
-    p.add_argument(
-        "--served-model-name",
-        action="append",
-        default=None,
-        help="name(s) clients use in `model` (repeatable; default: the model folder's name)",
-    )
-    p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--device", default=d.device, help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument(
-        "--kv-cache-memory", type=_size, default=None, help="KV cache budget, e.g. 2GiB (default: engine's)"
-    )
-    p.add_argument("--block-size", type=_positive_int, default=d.block_size, help="KV block size in tokens")
-    p.add_argument("--max-num-seqs", type=_positive_int, default=d.max_num_seqs, help="max running requests")
-    p.add_argument(
-        "--max-num-batched-tokens",
-        type=_positive_int,
-        default=d.max_num_batched_tokens,
-        help="tokens per step",
-    )
-    p.add_argument(
-        "--max-model-len", type=_positive_int, default=None, help="context length cap (default: the model's)"
-    )
-    p.add_argument(
-        "--max-waiting", type=_positive_int, default=d.max_waiting, help="waiting-queue bound; beyond it 429"
-    )
-    p.add_argument(
-        "--enable-prefix-caching",
-        action=argparse.BooleanOptionalAction,
-        default=d.enable_prefix_caching,
-        help="reuse KV blocks of shared prompt prefixes",
-    )
-    p.add_argument(
-        "--dequantize-experts",
-        action=argparse.BooleanOptionalAction,
-        default=d.dequantize_experts,
-        help="unpack MXFP4 experts at load time (more memory, faster on CPU)",
-    )
-    p.add_argument("--seed", type=int, default=d.seed, help="engine seed")
-    p.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=None,
-        help="where the embedded default model is generated (default ~/.cache/gptoss-server)",
-    )
-    p.add_argument(
-        "--max-body-bytes",
-        type=_size,
-        default=d.max_body_bytes,
-        help="request body limit (default 4MiB); 413",
-    )
-    p.add_argument(
-        "--api-key",
-        action="append",
-        default=None,
-        help="accepted bearer key (repeatable; env: comma-separated). None = no auth",
-    )
-    p.add_argument(
-        "--log-level", default=d.log_level, type=str.lower, choices=["debug", "info", "warning", "error"]
-    )
-    p.add_argument(
-        "--log-requests",
-        action=argparse.BooleanOptionalAction,
-        default=d.log_requests,
-        help="log prompt and completion text (off by default)",
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=_non_negative_float,
-        default=d.drain_timeout,
-        help="seconds in-flight requests may run after SIGTERM before they are aborted",
-    )
-    p.add_argument(
-        "--default-reasoning-effort",
-        default=d.default_reasoning_effort,
-        choices=list(REASONING_EFFORTS),
-        help="used when a request sets none",
-    )
-    # Test-only: scripted outputs instead of sampled ones (the model still runs).
-    p.add_argument("--scripted-tokens", type=Path, default=None, help=argparse.SUPPRESS)
+    for s in settings_declaration():
+        common: dict[str, Any] = {"dest": s.name, "help": _help(s)}
+        if s.kind == "bool":
+            p.add_argument(s.flag, action=argparse.BooleanOptionalAction, **common)
+            continue
+        if s.choices is not None:
+            common["choices"] = s.choices
+        else:
+            common["metavar"] = UNITS[s.unit] if s.unit else s.flag[2:].replace("-", "_").upper()
+        action = "append" if s.kind == "list" else "store"
+        p.add_argument(s.flag, action=action, type=value_parser(s), **common)
+    return p
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The server's argument parser, with the declared defaults."""
+    p = _parser()
+    p.set_defaults(**{s.name: s.default for s in settings_declaration()})
     return p
 
 
 def env_var_name(action: argparse.Action) -> str | None:
-    longs = [s for s in action.option_strings if s.startswith("--") and not s.startswith("--no-")]
+    """``GPTOSS_`` + the upper snake case of the action's long option (None for ``--no-x``
+    only or positional actions)."""
+    longs = [o for o in action.option_strings if o.startswith("--") and not o.startswith("--no-")]
     if not longs:
         return None
-    return ENV_PREFIX + longs[0][2:].replace("-", "_").upper()
+    return flag_env_name(longs[0])
 
 
 def known_env_vars(parser: argparse.ArgumentParser | None = None) -> dict[str, str]:
@@ -149,70 +111,58 @@ def known_env_vars(parser: argparse.ArgumentParser | None = None) -> dict[str, s
     out = {}
     for action in parser._actions:
         name = env_var_name(action)
-        if name and action.dest != "help":
+        if name and not isinstance(action, argparse._HelpAction):
             out[name] = action.option_strings[0]
     return out
 
 
-def _env_value(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str):
-    try:
-        if isinstance(action, argparse.BooleanOptionalAction) or action.nargs == 0:
-            low = raw.strip().lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError("expected true/false")
-        if isinstance(action, argparse._AppendAction):
-            items = [x.strip() for x in raw.split(",") if x.strip()]
-            return [action.type(x) if action.type else x for x in items]
-        value = action.type(raw) if action.type else raw
-        if action.choices is not None and value not in action.choices:
-            raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
-        return value
-    except (ValueError, argparse.ArgumentTypeError) as exc:
-        parser.error(f"environment variable {name}={raw!r}: {exc}")
+def env_value(s: Setting, raw: str) -> Any:
+    """The value of ``s`` read from its env var's text; ValueError or ArgumentTypeError."""
+    if s.kind == "bool":
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError("expected one of 1/true/yes/on or 0/false/no/off")
+    parse = value_parser(s)
+    if s.kind == "list":
+        return [parse(x.strip()) for x in raw.split(",") if x.strip()]
+    return parse(raw)
 
 
 def parse_settings(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> ServerSettings:
+    """Flags (``argv``, default ``sys.argv[1:]``) over env vars (``environ``, default
+    ``os.environ``) over the declared defaults. A bad value exits with a usage error naming
+    the flag or the variable."""
     environ = os.environ if environ is None else environ
-    parser = build_arg_parser()
-    env_defaults = {}
-    for action in parser._actions:
-        name = env_var_name(action)
-        if name and name in environ:
-            env_defaults[action.dest] = _env_value(parser, action, name, environ[name])
-    # Append actions would add flag values to an env-provided list; flags must replace it.
-    append_dests = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}
-    parser.set_defaults(**{k: v for k, v in env_defaults.items() if k not in append_dests})
-    args = parser.parse_args(argv)
-    for dest in append_dests:
-        if getattr(args, dest) is None:
-            setattr(args, dest, env_defaults.get(dest, []))
-    return ServerSettings(
-        host=args.host,
-        port=args.port,
-        model=args.model,
-        served_model_name=list(args.served_model_name),
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_memory=args.kv_cache_memory,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        max_waiting=args.max_waiting,
-        enable_prefix_caching=args.enable_prefix_caching,
-        dequantize_experts=args.dequantize_experts,
-        seed=args.seed,
-        cache_dir=args.cache_dir,
-        max_body_bytes=args.max_body_bytes,
-        api_keys=[k for k in args.api_key if k],
-        log_level=args.log_level,
-        log_requests=args.log_requests,
-        drain_timeout=args.drain_timeout,
-        default_reasoning_effort=args.default_reasoning_effort,
-        scripted_tokens=args.scripted_tokens,
-    )
+    parser = _parser()
+    given = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    for s in settings_declaration():
+        if s.env in environ:  # checked even when a flag wins: a bad deploy value fails loudly
+            raw = environ[s.env]
+            try:
+                values[s.name] = env_value(s, raw)
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"environment variable {s.env}={raw!r}: {exc}")
+        if s.name in given:
+            values[s.name] = given[s.name]
+        if s.kind == "list" and s.name in values:
+            values[s.name] = [x for x in values[s.name] if x]
+    return ServerSettings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["--settings-table"]:
+        print("usage: python -m server.cli --settings-table  (the server is python -m server)")
+        return 2
+    sys.stdout.write(settings_table_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

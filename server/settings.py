@@ -1,15 +1,29 @@
-"""The server's configuration: one dataclass, filled by ``server.cli`` from flags and env vars."""
+"""The server's configuration, declared once.
+
+Each field of ``ServerSettings`` carries its whole declaration (``setting(...)``): default,
+help, unit, choices, bounds, the README's "Default" text and whether it is an engine setting.
+From it come the flags and ``GPTOSS_*`` env vars (``server.cli``), the README's configuration
+table (``settings_table_markdown``) and the engine's config (``engine_config``).
+"""
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
-REASONING_EFFORTS = ("low", "medium", "high")
+from harmony.conversation import REASONING_EFFORTS
+
+if TYPE_CHECKING:
+    from engine.config import EngineConfig
 
 # The embedded default model's public name (README examples use it).
 DEFAULT_MODEL_NAME = "gpt-oss-tiny-random"
+ENV_PREFIX = "GPTOSS_"
 
 _BYTE_UNITS = {
     "": 1,
@@ -44,32 +58,120 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-@dataclass
+def format_bytes(n: int) -> str:
+    """The shortest exact binary spelling: 4194304 -> ``4MiB``, 1000 -> ``1000``."""
+    for suffix, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n % factor == 0:
+            return f"{n // factor}{suffix}"
+    return str(n)
+
+
+# unit -> argparse metavar. "bytes" also means the value is read by parse_bytes (2GiB, 512MB,
+# 1e9); the other units follow a literal default in the README ("`16` tokens").
+UNITS: dict[str, str] = {"bytes": "SIZE", "seconds": "SECONDS", "tokens": "TOKENS"}
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    unit: str | None = None,
+    choices: Sequence[str] | None = None,
+    minimum: float | None = None,
+    lower: bool = False,
+    flag: str | None = None,
+    shown: str | None = None,
+    engine: bool = False,
+) -> Any:
+    """One setting's declaration, as a dataclass field.
+
+    ``help``: markdown (README) and, without backticks, the ``--help`` text. ``unit``: a key of
+    ``UNITS``. ``minimum``: the smallest accepted number. ``lower``: values are lowercased
+    before the choices check. ``flag``: the long option when it is not ``--`` + the field name
+    with dashes. ``shown``: the README's "Default" text where the default is not a literal
+    (``embedded default``, ``none``...). ``engine``: passed to ``EngineConfig`` by name.
+    """
+    if unit is not None and unit not in UNITS:
+        raise ValueError(f"unknown unit {unit!r} (known: {', '.join(UNITS)})")
+    metadata = {
+        "help": help,
+        "unit": unit,
+        "choices": tuple(choices) if choices is not None else None,
+        "minimum": minimum,
+        "lower": lower,
+        "flag": flag,
+        "shown": shown,
+        "engine": engine,
+    }
+    if isinstance(default, list):
+        items = tuple(default)
+        return field(default_factory=lambda: list(items), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
 class ServerSettings:
-    host: str = "0.0.0.0"
-    port: int = 8000
-    model: str | None = None  # checkpoint folder; None = the embedded random-weight default
-    served_model_name: list[str] = field(default_factory=list)  # empty = derived from the model
-    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 elsewhere (exact on CPU)
-    device: str = "cpu"
-    kv_cache_memory: int | None = None  # bytes; None = the engine's default
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    max_waiting: int = 1024
-    enable_prefix_caching: bool = True
-    dequantize_experts: bool = False
-    seed: int = 0
-    cache_dir: Path | None = None  # embedded default model cache; None = ~/.cache/gptoss-server
-    max_body_bytes: int = 4 * 1024 * 1024
-    api_keys: list[str] = field(default_factory=list)
-    log_level: str = "info"
-    log_requests: bool = False  # log prompt and completion text (off: privacy)
-    drain_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
-    default_reasoning_effort: str = "medium"
-    # Test-only: a JSON file of scripted outputs replacing the sampler's choice (see server.scripted).
-    scripted_tokens: Path | None = None
+    # setting(default, help, ...): see its docstring. Field order = README table order.
+    # (RUF009: setting() returns a dataclasses.field, like field() itself.)
+    host: str = setting("0.0.0.0", "bind address")
+    port: int = setting(8000, "TCP port")
+    model: str | None = setting(
+        None,
+        "checkpoint folder (HF or original layout); none = an embedded random-weight tiny model",
+        shown="embedded default",
+    )
+    served_model_name: list[str] = setting(  # noqa: RUF009
+        [], "name(s) accepted as `model` (repeatable)", shown="folder name"
+    )
+    dtype: str = setting(
+        "auto",
+        "weights, activations and KV cache; `auto` = bfloat16 on CUDA, float32 (exact) elsewhere",
+        choices=("auto", "float32", "bfloat16"),
+        engine=True,
+    )
+    device: str = setting("cpu", "torch device (`cuda`, `cuda:1`, ...)", engine=True)
+    kv_cache_memory: int | None = setting(
+        None, "KV cache budget", unit="bytes", shown="engine's choice", engine=True
+    )
+    block_size: int = setting(16, "KV block size", unit="tokens", minimum=1, engine=True)
+    max_num_seqs: int = setting(64, "sequences running at once", minimum=1, engine=True)
+    max_num_batched_tokens: int = setting(
+        2048, "budget of one forward pass (decodes + prefill chunks)", unit="tokens", minimum=1, engine=True
+    )
+    max_model_len: int | None = setting(
+        None, "context length cap in tokens", unit="tokens", minimum=1, shown="model's", engine=True
+    )
+    max_output_tokens: int = setting(
+        16384,
+        "output limit of a request that sets no `max_tokens`/`max_completion_tokens` (it gets "
+        "the smaller of this and the context left after its prompt)",
+        unit="tokens",
+        minimum=1,
+    )
+    max_waiting: int = setting(1024, "waiting-queue bound; beyond it 429", minimum=1, engine=True)
+    enable_prefix_caching: bool = setting(True, "reuse KV of shared prompt prefixes", engine=True)
+    dequantize_experts: bool = setting(
+        False, "unpack MXFP4 experts at load (more memory, faster on CPU)", engine=True
+    )
+    seed: int = setting(0, "seed of requests without their own", engine=True)
+    cache_dir: Path | None = setting(  # noqa: RUF009
+        None, "where the embedded default model is generated", shown="`~/.cache/gptoss-server`"
+    )
+    max_body_bytes: int = setting(4 * 1024 * 1024, "request body limit; beyond it 413", unit="bytes")
+    api_keys: list[str] = setting(  # noqa: RUF009
+        [],
+        "accepted bearer keys (repeatable / comma-separated); none = no auth",
+        flag="--api-key",
+        shown="none",
+    )
+    log_level: str = setting("info", "log level", choices=("debug", "info", "warning", "error"), lower=True)
+    log_requests: bool = setting(False, "log prompt and completion text (never logged otherwise)")
+    drain_timeout: float = setting(
+        30.0, "time in-flight requests get after SIGTERM", unit="seconds", minimum=0
+    )
+    default_reasoning_effort: str = setting(
+        "medium", "effort when a request sets none", choices=REASONING_EFFORTS
+    )
 
     def model_names(self) -> list[str]:
         if self.served_model_name:
@@ -77,3 +179,123 @@ class ServerSettings:
         if self.model is None:
             return [DEFAULT_MODEL_NAME]
         return [Path(self.model).resolve().name or "gpt-oss"]
+
+
+Kind = Literal["value", "bool", "list"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field of ``ServerSettings`` with its declaration, as ``server.cli`` and the README
+    table read it."""
+
+    name: str  # the ServerSettings field
+    flag: str  # "--max-num-seqs"
+    env: str  # "GPTOSS_MAX_NUM_SEQS"
+    kind: Kind  # "bool": --x/--no-x; "list": repeatable flag, comma-separated env; else one value
+    type: type  # of one value: int, float, str, Path (bool for "bool")
+    optional: bool  # None is a valid value (the default)
+    default: Any
+    help: str  # markdown
+    unit: str | None
+    choices: tuple[str, ...] | None
+    minimum: float | None
+    lower: bool
+    shown: str | None
+    engine: bool
+
+    @property
+    def default_text(self) -> str:
+        """The README's "Default" column."""
+        if self.shown is not None:
+            return self.shown
+        if self.kind == "bool":
+            return "on" if self.default else "off"
+        if self.unit == "bytes":
+            return f"`{format_bytes(self.default)}`"
+        value = self.default
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return f"`{value}`" + (f" {self.unit}" if self.unit else "")
+
+    @property
+    def what(self) -> str:
+        """The README's "What" column: the help, how sizes are written, the choices."""
+        text = self.help
+        if self.unit == "bytes":
+            text += " (e.g. `2GiB`, `512MB`, `1e9`)"
+        if self.choices is not None:
+            text += "; one of " + ", ".join(f"`{c}`" for c in self.choices)
+        return text
+
+    @property
+    def flags_text(self) -> str:
+        """The README's "Flag" column."""
+        if self.kind == "bool":
+            return f"`{self.flag}` / `--no-{self.flag[2:]}`"
+        return f"`{self.flag}`"
+
+
+def flag_env_name(flag: str) -> str:
+    """``--max-num-seqs`` -> ``GPTOSS_MAX_NUM_SEQS``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _describe(f: Any, hint: Any) -> Setting:
+    meta = f.metadata
+    if "help" not in meta:
+        raise TypeError(f"ServerSettings.{f.name} is not declared with setting(...)")
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        (hint,) = [a for a in args if a is not type(None)]
+    if hint is bool:
+        kind: Kind = "bool"
+        value_type: type = bool
+    elif typing.get_origin(hint) is list:
+        kind, (value_type,) = "list", typing.get_args(hint)
+    else:
+        kind, value_type = "value", hint
+    default = f.default_factory() if f.default is MISSING else f.default
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    return Setting(
+        name=f.name,
+        flag=flag,
+        env=flag_env_name(flag),
+        kind=kind,
+        type=value_type,
+        optional=optional,
+        default=default,
+        help=meta["help"],
+        unit=meta["unit"],
+        choices=meta["choices"],
+        minimum=meta["minimum"],
+        lower=meta["lower"],
+        shown=meta["shown"],
+        engine=meta["engine"],
+    )
+
+
+@functools.cache
+def settings_declaration() -> tuple[Setting, ...]:
+    """Every setting, in ``ServerSettings`` field order."""
+    hints = typing.get_type_hints(ServerSettings)
+    return tuple(_describe(f, hints[f.name]) for f in fields(ServerSettings))
+
+
+def settings_table_markdown() -> str:
+    """The README's configuration table (between its ``settings-table`` markers)."""
+    lines = ["| Flag | Env | Default | What |", "|---|---|---|---|"]
+    for s in settings_declaration():
+        lines.append(f"| {s.flags_text} | `{s.env}` | {s.default_text} | {s.what} |")
+    return "\n".join(lines) + "\n"
+
+
+def engine_config(settings: ServerSettings, model_dir: str, **overrides: Any) -> EngineConfig:
+    """The engine's config: every setting declared ``engine=True`` passes through by name
+    (``dtype="auto"`` is resolved by ``EngineConfig``); ``overrides`` (``EngineConfig``
+    fields) win over them."""
+    from engine.config import EngineConfig
+
+    values = {s.name: getattr(settings, s.name) for s in settings_declaration() if s.engine}
+    return EngineConfig(**{"model_dir": model_dir, **values, **overrides})

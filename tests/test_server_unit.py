@@ -1,4 +1,4 @@
-"""Fast checks of the server's pure parts: flags/env, stop strings, and the Harmony output
+"""Fast checks of the server's pure parts: stop strings, and the Harmony output
 mapping checked against openai-harmony's own parser (the official implementation)."""
 
 from __future__ import annotations
@@ -19,72 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from harmony.tokenizer import load_tokenizer
-from server.cli import build_arg_parser, known_env_vars, parse_settings
 from server.errors import validation_message
 from server.harmony_output import HarmonyOutputMapper, OutputDelta
-from server.settings import DEFAULT_MODEL_NAME, parse_bytes
 from server.stop_strings import StopStringFilter
-
-# -- flags and environment -----------------------------------------------------------------------
-
-
-def test_defaults():
-    s = parse_settings([], environ={})
-    assert (s.host, s.port, s.model, s.api_keys, s.drain_timeout) == ("0.0.0.0", 8000, None, [], 30.0)
-    assert s.model_names() == [DEFAULT_MODEL_NAME]
-    assert s.dtype == "auto"  # bfloat16 on CUDA, float32 (exact) elsewhere
-
-
-def test_env_vars_and_flags_win():
-    env = {
-        "GPTOSS_PORT": "9001",
-        "GPTOSS_API_KEY": "a, b",
-        "GPTOSS_KV_CACHE_MEMORY": "2GiB",
-        "GPTOSS_ENABLE_PREFIX_CACHING": "false",
-        "GPTOSS_DRAIN_TIMEOUT": "12.5",
-        "GPTOSS_SERVED_MODEL_NAME": "x,y",
-        "GPTOSS_MODEL": "/models/gpt-oss-20b",
-        "GPTOSS_LOG_REQUESTS": "yes",
-    }
-    s = parse_settings([], environ=env)
-    assert s.port == 9001 and s.api_keys == ["a", "b"] and s.kv_cache_memory == 2 * 2**30
-    assert s.enable_prefix_caching is False and s.drain_timeout == 12.5 and s.log_requests is True
-    assert s.model_names() == ["x", "y"]
-    s = parse_settings(["--port", "9002", "--api-key", "c", "--enable-prefix-caching"], environ=env)
-    assert s.port == 9002 and s.api_keys == ["c"] and s.enable_prefix_caching is True
-    assert parse_settings(["--model", "/m/gpt-oss-120b/"], environ={}).model_names() == ["gpt-oss-120b"]
-
-
-def test_bad_env_value_is_a_clear_error(capsys):
-    with pytest.raises(SystemExit):
-        parse_settings([], environ={"GPTOSS_MAX_NUM_SEQS": "many"})
-    assert "GPTOSS_MAX_NUM_SEQS" in capsys.readouterr().err
-
-
-def test_known_env_vars_cover_the_fixed_flags():
-    names = known_env_vars()
-    for flag in (
-        "host", "port", "model", "served-model-name", "dtype", "device", "kv-cache-memory", "max-num-seqs",
-        "max-num-batched-tokens", "max-model-len", "max-waiting", "max-body-bytes", "api-key", "log-level",
-        "drain-timeout",
-    ):  # fmt: skip
-        assert "GPTOSS_" + flag.replace("-", "_").upper() in names
-    assert build_arg_parser().prog == "gptoss-server"
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("2GiB", 2 * 2**30), ("512MiB", 512 * 2**20), ("1e9", 10**9), ("3 GB", 3 * 10**9), ("100", 100)],
-)
-def test_parse_bytes(text, value):
-    assert parse_bytes(text) == value
-
-
-def test_parse_bytes_rejects_garbage():
-    for text in ("", "two gigs", "5XB", "0"):
-        with pytest.raises(ValueError):
-            parse_bytes(text)
-
 
 # -- stop strings ----------------------------------------------------------------------------------
 
