@@ -17,8 +17,9 @@ import json
 import sys
 from typing import Any
 
+from harmony.chat_json import render_chat_json
 from harmony.parser import parse_completion
-from harmony.render import RenderError, render_chat_request
+from harmony.render import RenderError
 from harmony.tokenizer import load_tokenizer
 
 
@@ -53,7 +54,7 @@ def _date(text: str) -> str:
 
 def render_command(request: Any, date: str | None) -> dict:
     try:
-        prompt = render_chat_request(request, date)
+        prompt = render_chat_json(request, date)
     except RenderError as exc:
         where = f" ({exc.param})" if exc.param else ""
         raise BadInput(f"{exc.message}{where}") from exc

@@ -21,7 +21,6 @@ from harmony import tokens
 from harmony.tokenizer import HarmonyTokenizer
 
 ROLES = ("user", "assistant", "system", "developer", "tool")
-CONSTRAIN_TEXT = "<|constrain|>"
 # Rust's char::is_whitespace (Unicode White_Space), used by harmony-rs for trim() and the
 # channel word; Python's str.isspace differs on U+001C..U+001F.
 RUST_WHITESPACE = frozenset(
@@ -125,7 +124,7 @@ def _text_only(word: list[Unit], what: str, problems: list[str]) -> str:
 
 def _content_type(word: list[Unit], problems: list[str]) -> str:
     if word and word[0] == tokens.CONSTRAIN:
-        return CONSTRAIN_TEXT + _text_only(word[1:], "content type", problems)
+        return tokens.CONSTRAIN_TEXT + _text_only(word[1:], "content type", problems)
     return _text_only(word, "content type", problems)
 
 

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from harmony import tokens
+from harmony.conversation import FunctionTool
 from harmony.schema_ts import json_schema_to_typescript
 from harmony.tokenizer import HarmonyTokenizer
 
-CONSTRAIN_TEXT = "<|constrain|>"
 DEFAULT_IDENTITY = "You are ChatGPT, a large language model trained by OpenAI."
 DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
 VALID_CHANNELS = ("analysis", "commentary", "final")
-REASONING_EFFORTS = ("low", "medium", "high")
 
 
 @dataclass(frozen=True)
@@ -32,13 +31,6 @@ class HarmonyMessage:
     channel: str | None = None
     recipient: str | None = None
     content_type: str | None = None
-
-
-@dataclass(frozen=True)
-class FunctionTool:
-    name: str
-    description: str = ""
-    parameters: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -130,10 +122,10 @@ def render_message(message: HarmonyMessage, tokenizer: HarmonyTokenizer) -> list
         out.append(tokens.CHANNEL)
         out += tokenizer.encode(message.channel)
     if message.content_type is not None:
-        if message.content_type.startswith(CONSTRAIN_TEXT):
+        if message.content_type.startswith(tokens.CONSTRAIN_TEXT):
             out += tokenizer.encode(" ")
             out.append(tokens.CONSTRAIN)
-            rest = message.content_type[len(CONSTRAIN_TEXT) :]
+            rest = message.content_type[len(tokens.CONSTRAIN_TEXT) :]
             if rest:
                 out += tokenizer.encode(rest)
         else:

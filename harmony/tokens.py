@@ -16,6 +16,12 @@ END = 200007
 MESSAGE = 200008
 CALL = 200012
 
+# The text of CONSTRAIN: a content type starting with it is rendered as the token (plus the rest
+# as text), and the parser spells the token this way in a content type.
+CONSTRAIN_TEXT = "<|constrain|>"
+# The content type of function-call arguments.
+CONSTRAINED_JSON = CONSTRAIN_TEXT + "json"
+
 FIRST_SPECIAL = 199998
 # harmony-rs names reserved ids up to 201088 inclusive; the model has 201088 rows.
 LAST_NAMED_SPECIAL = 201088
@@ -28,7 +34,7 @@ NAMED_SPECIALS: dict[str, int] = {
     "<|startoftext|>": STARTOFTEXT,
     "<|endoftext|>": ENDOFTEXT,
     "<|return|>": RETURN,
-    "<|constrain|>": CONSTRAIN,
+    CONSTRAIN_TEXT: CONSTRAIN,
     "<|channel|>": CHANNEL,
     "<|start|>": START,
     "<|end|>": END,

@@ -1,7 +1,8 @@
 """Test-only oracle: openai-harmony (the official Rust implementation) loaded offline, and the
 §11 chat-completions mapping written against its own classes (SystemContent, DeveloperContent,
 ToolDescription...), so that the library, not our code, renders system and developer messages,
-tool schemas and headers."""
+tool schemas and headers. The oracle takes the JSON-shaped request; `chat_json_of` writes a
+typed `Conversation` as one, so typed input is checked against the same oracle."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ os.environ.setdefault(
 )
 
 import openai_harmony as oh
+
+from harmony.conversation import Conversation
 
 EFFORTS = {
     "low": oh.ReasoningEffort.LOW,
@@ -93,7 +96,8 @@ def oracle_messages(request: dict, date: str | None, drop_analysis: bool = True)
         elif role == "assistant":
             body += _assistant(message)
             for call in message.get("tool_calls") or []:
-                names[call["id"]] = call["function"]["name"]
+                if "id" in call:
+                    names[call["id"]] = call["function"]["name"]
         elif role == "tool":
             name = names.get(message.get("tool_call_id")) or message["name"]
             body.append(
@@ -118,6 +122,34 @@ def oracle_messages(request: dict, date: str | None, drop_analysis: bool = True)
             developer = developer.with_function_tools(tools)
         head.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     return head + body
+
+
+def chat_json_of(conversation: Conversation) -> dict:
+    """A typed conversation as the chat-completions request it stands for (the date is passed
+    to the oracle separately)."""
+    messages = []
+    for turn in conversation.turns:
+        message: dict = {"role": turn.role, "content": turn.content}
+        if turn.reasoning:
+            message["reasoning"] = turn.reasoning
+        if turn.tool_calls:
+            message["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                | ({"id": c.id} if c.id is not None else {})
+                for c in turn.tool_calls
+            ]
+        if turn.tool_call_id is not None:
+            message["tool_call_id"] = turn.tool_call_id
+        if turn.name is not None:
+            message["name"] = turn.name
+        messages.append(message)
+    tools = []
+    for tool in conversation.tools:
+        function: dict = {"name": tool.name, "description": tool.description}
+        if tool.parameters is not None:
+            function["parameters"] = tool.parameters
+        tools.append({"type": "function", "function": function})
+    return {"messages": messages, "tools": tools, "reasoning_effort": conversation.reasoning_effort}
 
 
 def oracle_render(

@@ -1,5 +1,6 @@
-"""Renderer: hand-written cases for the rules of harmony.md §3-§7 and §11, each also checked
-token for token against openai-harmony (tests/harmony_oracle.py)."""
+"""Renderer through the JSON-shaped request (harmony.chat_json): hand-written cases for the rules
+of harmony.md §3-§7 and §11 and the request shape errors, each rendering also checked token for
+token against openai-harmony (tests/harmony_oracle.py). Typed input: test_harmony_conversation.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 from harmony_oracle import oracle_render
 
 from harmony import tokens
-from harmony.render import RenderError, render_chat_request
+from harmony.chat_json import render_chat_json
+from harmony.render import RenderError
 from harmony.schema_ts import format_float, json_schema_to_typescript
 
 DATE = "2025-08-05"
@@ -15,7 +17,7 @@ DATE = "2025-08-05"
 
 def render(request: dict, date: str | None = DATE):
     """Our rendering, asserted identical to the oracle's before it is returned."""
-    prompt = render_chat_request(request, date)
+    prompt = render_chat_json(request, date)
     assert prompt.token_ids == oracle_render(request, date)
     assert prompt.token_ids[-2:] == [tokens.START, tokens.ASSISTANT]
     assert prompt.stop_token_ids == [tokens.RETURN, tokens.CALL]
@@ -90,7 +92,7 @@ def test_reasoning_effort_sources(field, expected):
 )
 def test_invalid_reasoning_effort_is_rejected(field, param):
     with pytest.raises(RenderError) as info:
-        render_chat_request({"messages": [user()], **field}, None)
+        render_chat_json({"messages": [user()], **field}, None)
     assert info.value.param == param
 
 
@@ -327,7 +329,7 @@ def test_our_drop_rule_differs_from_the_library_quirk():
     ours = render(request).token_ids
     library = oracle_render(request, DATE, auto_drop_analysis=True, drop_analysis=False)
     assert ours != library
-    assert "think2" not in render_chat_request(request, DATE).text
+    assert "think2" not in render_chat_json(request, DATE).text
     # ...while on histories where both rules agree, the library's own drop changes nothing after ours.
     assert oracle_render(request, DATE, auto_drop_analysis=True) == ours
 
@@ -419,16 +421,16 @@ def test_null_and_list_content():
 )
 def test_render_errors_name_the_parameter(request_body, param):
     with pytest.raises(RenderError) as info:
-        render_chat_request(request_body, None)
+        render_chat_json(request_body, None)
     assert info.value.param == param
     assert info.value.message
 
 
 def test_request_that_is_not_an_object():
     with pytest.raises(RenderError):
-        render_chat_request(["messages"], None)  # type: ignore[arg-type]
+        render_chat_json(["messages"], None)  # type: ignore[arg-type]
 
 
 def test_lone_surrogates_from_json_escapes_do_not_crash():
-    prompt = render_chat_request({"messages": [user("a\ud800b")]}, None)
+    prompt = render_chat_json({"messages": [user("a\ud800b")]}, None)
     assert "<|start|>user<|message|>a\ufffdb<|end|>" in prompt.text

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from harmony.render import render_chat_request
+from harmony.chat_json import render_chat_json
 from server.testing import ServerProcess
 
 MODEL = "gpt-oss-e2e"
@@ -82,13 +82,13 @@ def test_tokenize_chat_equals_renderer_and_generation(server, client):
     before = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
     got = httpx.post(server.url + "/tokenize", json=request).json()
     after = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    expected = [render_chat_request(request, d).token_ids for d in {before, after}]
+    expected = [render_chat_json(request, d).token_ids for d in {before, after}]
     assert got["tokens"] in expected
     assert got["count"] == len(got["tokens"]) and got["max_model_len"] == MAX_MODEL_LEN
     # tool_choice "none" leaves the tools out of the prompt (the model cannot call what it never saw).
     no_tools = {k: v for k, v in request.items() if k != "tools"}
     got_none = httpx.post(server.url + "/tokenize", json={**request, "tool_choice": "none"}).json()
-    assert got_none["tokens"] in [render_chat_request(no_tools, d).token_ids for d in {before, after}]
+    assert got_none["tokens"] in [render_chat_json(no_tools, d).token_ids for d in {before, after}]
     # The prompt generation uses is the same token count.
     r = client.chat.completions.create(**request, max_tokens=1)
     assert r.usage.prompt_tokens == got["count"]
