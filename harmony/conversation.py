@@ -36,6 +36,16 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """A structured-output format (spec harmony.md §4): rendered in the developer message's
+    `# Response Formats` section as `## {name}`, `// {description}` and `json.dumps(schema)`."""
+
+    name: str
+    schema: dict
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Turn:
     """One chat-level message, its content already plain text (empty = absent)."""
 
@@ -62,7 +72,7 @@ class Conversation:
     tools: tuple[FunctionTool, ...] = ()
     reasoning_effort: str = "medium"
     date: str | None = None
-    # Room for `response_formats` (structured output) later.
+    response_formats: tuple[ResponseFormat, ...] = ()
 
     def __post_init__(self) -> None:
         if self.reasoning_effort not in REASONING_EFFORTS:
@@ -73,3 +83,5 @@ class Conversation:
             object.__setattr__(self, "turns", tuple(self.turns))
         if not isinstance(self.tools, tuple):
             object.__setattr__(self, "tools", tuple(self.tools))
+        if not isinstance(self.response_formats, tuple):
+            object.__setattr__(self, "response_formats", tuple(self.response_formats))

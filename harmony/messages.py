@@ -7,11 +7,12 @@ so the ids match the reference implementation token for token.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from harmony import tokens
-from harmony.conversation import FunctionTool
+from harmony.conversation import FunctionTool, ResponseFormat
 from harmony.schema_ts import json_schema_to_typescript
 from harmony.tokenizer import HarmonyTokenizer
 
@@ -95,13 +96,30 @@ def system_content(
     return "\n\n".join(["\n".join(top), f"Reasoning: {reasoning_effort}", channels])
 
 
-def developer_content(instructions: str | None, namespaces: Sequence[ToolNamespace] = ()) -> str:
-    """The developer message text (§4): `# Instructions` and the `# Tools` section."""
+def response_formats_section(formats: Sequence[ResponseFormat]) -> str:
+    """`# Response Formats`, then per format `## {name}`, `// {description}` (when non-empty)
+    and the schema as `json.dumps` text (§4)."""
+    sections = ["# Response Formats"]
+    for fmt in formats:
+        body = "\n".join([f"// {line}" for line in rust_lines(fmt.description)] + [json.dumps(fmt.schema)])
+        sections += [f"## {fmt.name}", body]
+    return "\n\n".join(sections)
+
+
+def developer_content(
+    instructions: str | None,
+    namespaces: Sequence[ToolNamespace] = (),
+    response_formats: Sequence[ResponseFormat] = (),
+) -> str:
+    """The developer message text (§4): `# Instructions`, the `# Tools` section and the
+    `# Response Formats` section."""
     sections = []
     if instructions is not None:
         sections += ["# Instructions", instructions]
     if namespaces:
         sections.append(tools_section(namespaces))
+    if response_formats:
+        sections.append(response_formats_section(response_formats))
     return "\n\n".join(sections)
 
 

@@ -6,7 +6,8 @@ Rules, in order:
    calls to the commentary channel when there are tools).
 2. A developer message, only when there are instructions or function tools: instructions are
    the contents of the system/developer turns at the start of the conversation, joined by a
-   blank line; tools are `conversation.tools`, in order, in namespace `functions`.
+   blank line; tools are `conversation.tools`, in order, in namespace `functions`; then
+   `conversation.response_formats` as `# Response Formats` (also alone: a developer message).
 3. A system/developer turn later in the conversation becomes a developer message in place
    holding only `# Instructions` and its text. System/developer turns with empty content are
    ignored (and do not end the leading run).
@@ -165,10 +166,13 @@ def harmony_messages(conversation: Conversation) -> list[HarmonyMessage]:
             ),
         )
     ]
-    if instructions or tools:
+    formats = conversation.response_formats
+    if instructions or tools or formats:
         namespaces = [ToolNamespace("functions", tools)] if tools else []
         head.append(
-            HarmonyMessage("developer", developer_content("\n\n".join(instructions) or None, namespaces))
+            HarmonyMessage(
+                "developer", developer_content("\n\n".join(instructions) or None, namespaces, formats)
+            )
         )
     return head + drop_finished_analysis(body)
 

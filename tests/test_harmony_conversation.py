@@ -4,6 +4,8 @@ rule, the one rendering error; each rendering checked token for token against op
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from harmony_oracle import chat_json_of, oracle_render
 
@@ -233,3 +235,26 @@ def test_chat_json_tool_choice_none_leaves_the_tools_out():
     with pytest.raises(RenderError) as info:  # the tools are still checked
         render_chat_json({**request, "tools": [{"type": "web_search"}], "tool_choice": "none"}, DATE)
     assert info.value.param == "tools[0].type"
+
+
+def test_response_formats_render_per_spec():
+    """harmony.md §4: `# Response Formats\n\n## {name}\n\n// {description}\n{json schema}`
+    appended to the developer message (after instructions and tools)."""
+    from harmony.conversation import Conversation, ResponseFormat, Turn
+    from harmony.render import render_conversation
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    conv = Conversation(
+        turns=(Turn("system", "Be brief."), Turn("user", "Extract: Ann is 30 years old.")),
+        response_formats=(ResponseFormat("person", schema, "A person."),),
+    )
+    text = render_conversation(conv).text
+    expected_dev = (
+        "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Response Formats\n\n## person\n\n"
+        "// A person.\n" + json.dumps(schema) + "<|end|>"
+    )
+    assert expected_dev in text
+    alone = render_conversation(
+        Conversation(turns=(Turn("user", "x"),), response_formats=(ResponseFormat("p", {}),))
+    )
+    assert "<|start|>developer<|message|># Response Formats\n\n## p\n\n{}<|end|>" in alone.text
