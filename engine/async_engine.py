@@ -22,7 +22,10 @@ from .config import EngineConfig
 from .llm_engine import LLMEngine
 from .types import (
     EngineDeadError,
+    EngineError,
+    EngineFailure,
     EngineStats,
+    FailureKind,
     InvalidRequestError,
     QueueFullError,
     RequestOutput,
@@ -83,8 +86,10 @@ class AsyncEngine:
         with self._cond:
             streams, self._streams = self._streams, {}
         for rid, stream in streams.items():
-            self._deliver(stream, RequestOutput(request_id=rid, token_ids=[], finish_reason="abort",
-                                                error="the engine is shutting down"))  # fmt: skip
+            failure = EngineFailure(FailureKind.SHUTDOWN, "the engine is shutting down")
+            self._deliver(
+                stream, RequestOutput(request_id=rid, token_ids=[], finish_reason="abort", error=failure)
+            )
 
     @property
     def engine(self) -> LLMEngine:
@@ -194,9 +199,9 @@ class AsyncEngine:
         for add in adds:
             try:
                 engine.add_request(add.request_id, add.prompt_ids, add.params)
-            except Exception as exc:  # e.g. the queue filled up since validation
+            except EngineError as exc:  # e.g. the queue filled up since validation
                 outputs.append(RequestOutput(request_id=add.request_id, token_ids=[], finish_reason="error",
-                                             error=f"{type(exc).__name__}: {exc}"))  # fmt: skip
+                                             error=exc.failure))  # fmt: skip
         for rid in aborts:
             engine.abort(rid)
         return outputs
@@ -230,9 +235,11 @@ class AsyncEngine:
             log.exception("engine loop crashed")
             self._dead = True
             with self._cond:
-                outputs = engine.fail_all(f"engine loop crashed: {type(exc).__name__}: {exc}")
+                message = f"engine loop crashed: {type(exc).__name__}: {exc}"
+                outputs = engine.fail_all(message)
+                failure = EngineFailure(FailureKind.ENGINE_DEAD, message)
                 for rid in list(self._streams):
                     if all(o.request_id != rid for o in outputs):
                         outputs.append(RequestOutput(request_id=rid, token_ids=[], finish_reason="error",
-                                                     error="engine loop crashed"))  # fmt: skip
+                                                     error=failure))  # fmt: skip
             self._publish(outputs)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .types import TokenSource
-
 DTYPES = ("float32", "bfloat16")
 DEFAULT_CPU_KV_BYTES = 1 << 30
 # On an accelerator: the share of the memory left after loading weights given to the cache
@@ -40,7 +38,6 @@ class EngineConfig:
     max_waiting: int = 1024  # bound of the waiting queue (QueueFullError beyond it)
     enable_prefix_caching: bool = True
     dequantize_experts: bool = False
-    token_source: TokenSource | None = None  # replaces the sampler's choice; the model still runs
     seed: int = 0  # seeds the generator of requests that have no seed of their own
 
     def __post_init__(self) -> None:

@@ -21,7 +21,9 @@ from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .types import (
     EngineDeadError,
+    EngineFailure,
     EngineStats,
+    FailureKind,
     FinishReason,
     InvalidRequestError,
     PromptTooLongError,
@@ -240,12 +242,7 @@ class LLMEngine:
                 torch.cuda.synchronize(self.device)
             t_sample = time.perf_counter()
             forward_s = t_sample - t_fwd
-            forced = None
-            if self.config.token_source is not None:
-                forced = [
-                    int(self.config.token_source(s.prompt_ids, s.output_ids)) for s in batch.sample_seqs
-                ]
-            sampled = self.sampler(logits, batch.sample_seqs, forced)
+            sampled = self.sampler(logits, batch.sample_seqs)
             sampler_s = time.perf_counter() - t_sample
         except Exception as exc:  # fail this step's requests, keep the engine
             log.exception("engine step failed")
@@ -302,7 +299,9 @@ class LLMEngine:
         seq.new_logprobs = []
         return out
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> RequestOutput:
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, error: EngineFailure | None = None
+    ) -> RequestOutput:
         self.scheduler.remove(seq)
         self._seqs.pop(seq.request_id, None)
         seq.status = SequenceStatus.FINISHED
@@ -318,12 +317,13 @@ class LLMEngine:
             return self.fail_all(
                 f"{message} ({self._consecutive_failures} failed steps in a row; engine stopped)"
             )
-        return [self._finish(seq, "error", message) for seq in sched.seqs if seq.request_id in self._seqs]
+        failure = EngineFailure(FailureKind.STEP_FAILED, message)
+        return [self._finish(seq, "error", failure) for seq in sched.seqs if seq.request_id in self._seqs]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Mark the engine dead and end every request with an error."""
         self._alive = False
         outputs, self._pending = self._pending, []
         for seq in list(self._seqs.values()):
-            outputs.append(self._finish(seq, "error", message))
+            outputs.append(self._finish(seq, "error", EngineFailure(FailureKind.ENGINE_DEAD, message)))
         return outputs

@@ -73,29 +73,20 @@ class Sampler:
         self.generator.manual_seed(seed)
 
     @torch.inference_mode()
-    def __call__(
-        self, logits: torch.Tensor, seqs: list[Sequence], forced: list[int] | None = None
-    ) -> SamplerOutput:
-        """logits [N, V] (float32 or the model dtype), one row per sequence in ``seqs``;
-        ``forced`` overrides the choice (a TokenSource) but logprobs are still those of the model."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits [N, V] (float32 or the model dtype), one row per sequence in ``seqs``."""
         n = len(seqs)
         if n == 0:
             return SamplerOutput([], [])
-        if forced is not None:
-            tokens = torch.tensor(forced, dtype=torch.long, device=logits.device)
-        else:
-            x = self._process(logits, seqs)
-            random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_EPS]
-            tokens = (
-                greedy_argmax(x)
-                if len(random_rows) < n
-                else torch.empty(n, dtype=torch.long, device=x.device)
-            )
-            if random_rows:
-                idx = torch.tensor(random_rows, device=x.device)
-                tokens[idx] = self._sample(x.index_select(0, idx), [seqs[i] for i in random_rows])
-        token_list = tokens.tolist()
-        return SamplerOutput(token_list, self._logprobs(logits, seqs, tokens))
+        x = self._process(logits, seqs)
+        random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_EPS]
+        tokens = (
+            greedy_argmax(x) if len(random_rows) < n else torch.empty(n, dtype=torch.long, device=x.device)
+        )
+        if random_rows:
+            idx = torch.tensor(random_rows, device=x.device)
+            tokens[idx] = self._sample(x.index_select(0, idx), [seqs[i] for i in random_rows])
+        return SamplerOutput(tokens.tolist(), self.logprobs_of(logits, seqs, tokens))
 
     # -- logits processing ------------------------------------------------------------------
     def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -216,9 +207,10 @@ class Sampler:
         return probs.masked_fill(~keep, 0.0)
 
     # -- logprobs ----------------------------------------------------------------------------
-    def _logprobs(
+    def logprobs_of(
         self, logits: torch.Tensor, seqs: list[Sequence], tokens: torch.Tensor
     ) -> list[TokenLogprob | None]:
+        """The model's logprobs of ``tokens`` (one per row) for the rows that asked for them."""
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         out: list[TokenLogprob | None] = [None] * len(seqs)
         if not rows:

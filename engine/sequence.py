@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .types import FinishReason, RequestMetrics, SamplingParams, TokenLogprob
+from .types import EngineFailure, FinishReason, RequestMetrics, SamplingParams, TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -38,7 +38,7 @@ class Sequence:
     admitted_once: bool = False
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None
-    error: str | None = None
+    error: EngineFailure | None = None
     # Produced since the last RequestOutput.
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprob] = field(default_factory=list)

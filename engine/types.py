@@ -6,7 +6,8 @@ about HTTP or Harmony (stop ids are plain token ids chosen by the caller).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import enum
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -64,7 +65,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # parallel to token_ids when asked
     finish_reason: FinishReason | None = None
     stop_token_id: int | None = None  # which stop id ended it (finish_reason == "stop")
-    error: str | None = None
+    error: EngineFailure | None = None  # why it ended, with finish_reason "error" (or "abort" by the engine)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_output_tokens: int = 0  # generated so far, cumulative
@@ -75,31 +76,56 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
-class TokenSource(Protocol):
-    """Replaces the sampler's choice (the model still runs): for API-layer tests."""
+class FailureKind(enum.Enum):
+    """Why the engine refused or ended a request (the server maps each to one HTTP answer)."""
 
-    def __call__(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> int: ...
+    PROMPT_TOO_LONG = "prompt_too_long"
+    INVALID = "invalid"
+    QUEUE_FULL = "queue_full"
+    ENGINE_DEAD = "engine_dead"
+    STEP_FAILED = "step_failed"  # a forward pass or the sampler raised: a real fault
+    SHUTDOWN = "shutdown"  # the engine is stopping
+
+
+@dataclass(frozen=True)
+class EngineFailure:
+    kind: FailureKind
+    message: str
 
 
 class EngineError(Exception):
     """Base of the errors ``add_request`` raises before anything is queued."""
 
+    kind: FailureKind = FailureKind.INVALID
+
+    @property
+    def failure(self) -> EngineFailure:
+        return EngineFailure(self.kind, str(self))
+
 
 class PromptTooLongError(EngineError):
     """The prompt (plus min_tokens) cannot fit the context window or the whole KV cache."""
+
+    kind = FailureKind.PROMPT_TOO_LONG
 
 
 class InvalidRequestError(EngineError, ValueError):
     """The request itself is malformed (empty prompt, token id outside the vocabulary,
     duplicate request id, parameters out of range)."""
 
+    kind = FailureKind.INVALID
+
 
 class QueueFullError(EngineError):
     """The waiting queue is at its bound: answer 429 and let the client retry."""
 
+    kind = FailureKind.QUEUE_FULL
+
 
 class EngineDeadError(EngineError):
     """The engine loop died and cannot take requests."""
+
+    kind = FailureKind.ENGINE_DEAD
 
 
 @dataclass
@@ -121,3 +147,38 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+class EngineClient(Protocol):
+    """What the server needs of an engine (``engine.async_engine.AsyncEngine``; test fakes).
+
+    ``add_request`` raises an ``EngineError`` before queueing anything; afterwards every
+    outcome arrives on the iterator, the last output with a finish reason (and, for
+    "error", an ``EngineFailure``). ``abort`` is idempotent and frees everything at once."""
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def is_alive(self) -> bool: ...
+
+    @property
+    def max_model_len(self) -> int: ...
+
+    @property
+    def weights_bytes(self) -> int: ...
+
+    @property
+    def kv_cache_bytes(self) -> int: ...
+
+    @property
+    def kv_cache_tokens(self) -> int: ...

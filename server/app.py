@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI
 
+from engine.types import EngineClient
 from harmony.tokenizer import load_tokenizer
 from server.chat import router as chat_router
 from server.completions import router as completions_router
@@ -25,6 +26,7 @@ from server.middleware import RequestContextMiddleware
 from server.routes import router as misc_router
 from server.settings import ServerSettings, engine_config
 from server.state import ServerState
+from server.wire import STREAM_CHUNKS
 
 logger = logging.getLogger("server")
 T = TypeVar("T")
@@ -34,7 +36,7 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / 2**30:.3f} GiB"
 
 
-def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
+def build_engine(settings: ServerSettings) -> EngineClient:
     """Create and start the engine (blocking: loads the weights). Runs in a worker thread."""
     from engine.async_engine import AsyncEngine
 
@@ -44,15 +46,7 @@ def build_engine(settings: ServerSettings, tokenizer: Any) -> Any:
         model_dir = str(ensure_default_checkpoint(settings.cache_dir))
     else:
         model_dir = settings.model
-    token_source = None
-    if settings.scripted_tokens is not None:
-        from server.scripted import ScriptedTokenSource
-
-        token_source = ScriptedTokenSource.from_file(settings.scripted_tokens, tokenizer)
-        logger.warning(
-            "TEST MODE: outputs are scripted by %s (the model still runs)", settings.scripted_tokens
-        )
-    config = engine_config(settings, model_dir, token_source=token_source)
+    config = engine_config(settings, model_dir)
     logger.info("loading model %s (dtype %s, device %s)", model_dir, config.dtype, settings.device)
     engine = AsyncEngine(config)
     engine.start()
@@ -95,11 +89,14 @@ async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
     return await asyncio.wrap_future(future)
 
 
-async def _load(state: ServerState, given_engine: Any = None) -> None:
+EngineFactory = Callable[[ServerSettings], EngineClient]
+
+
+async def _load(state: ServerState, given_engine: EngineClient | None, engine_factory: EngineFactory) -> None:
     try:
         state.tokenizer = state.tokenizer or await in_daemon_thread(load_tokenizer)
         if given_engine is None:
-            engine = await in_daemon_thread(build_engine, state.settings, state.tokenizer)
+            engine = await in_daemon_thread(engine_factory, state.settings)
         else:
             engine = given_engine
             if not engine.is_alive:
@@ -125,19 +122,28 @@ def _honest_openapi(app: FastAPI) -> dict[str, Any]:
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        for chunk in STREAM_CHUNKS:  # named by the SSE responses (x-sse-data)
+            chunk_schema = chunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(chunk_schema.pop("$defs", {}))
+            components[chunk.__name__] = chunk_schema
         app.openapi_schema = schema
     return app.openapi_schema
 
 
-def create_app(settings: ServerSettings, engine: Any = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings, engine: EngineClient | None = None, engine_factory: EngineFactory = build_engine
+) -> FastAPI:
+    """The app. ``engine``: one to serve as is (in-process tests); otherwise ``engine_factory``
+    builds it in the background (tests inject scripted sampling there)."""
     state = ServerState(settings=settings, engine=None, owns_engine=engine is None)
     pending_engine = engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        load_task = asyncio.create_task(_load(state, pending_engine))
+        load_task = asyncio.create_task(_load(state, pending_engine, engine_factory))
         app.state.load_task = load_task
         try:
             yield

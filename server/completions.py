@@ -1,34 +1,39 @@
-"""``POST /v1/completions``: raw continuation of a prompt the caller built (Harmony text or ids)."""
+"""``POST /v1/completions``: the raw-completion adapter of the generation pipeline.
+
+The prompt is text the caller built (Harmony special tokens written as text) or token ids, one
+or several; each gets ``n`` choices. The pipeline's events map to ``text_completion`` chunks;
+the non-streaming body is the fold of those very chunks.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
-from engine.types import RequestOutput
 from harmony import tokens
-from harmony.tokenizer import HarmonyTokenizer, IncrementalDecoder
+from harmony.tokenizer import HarmonyTokenizer
+from server import events as ev
 from server.errors import APIError
-from server.generation import EngineSession, open_session, run_to_end, stream_error_event
+from server.pipeline import EngineRequest, open_generation
 from server.protocol import CompletionRequest
-from server.responses import (
-    GENERATION_RESPONSES,
+from server.sampling import OutputLimit, sampling_params, stop_strings
+from server.sse import data_stream, sse_response
+from server.state import ServerState, get_state, request_id_of
+from server.text_output import TextAssembler
+from server.wire import (
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionLogprobs,
     CompletionResponse,
     PromptTokensDetails,
     Usage,
+    generation_responses,
 )
-from server.sampling import build_sampling_params, stop_strings
-from server.sse import DONE, SSE_HEADERS, sse_event
-from server.state import ServerState, get_state, request_id_of
-from server.stop_strings import StopStringFilter
 
 logger = logging.getLogger("server.completions")
 text_logger = logging.getLogger("server.requests")
@@ -36,6 +41,8 @@ router = APIRouter()
 
 # What the model's generation config stops on: <|return|>, <|call|>, <|endoftext|>.
 COMPLETION_STOP_IDS = [tokens.RETURN, tokens.CALL, tokens.ENDOFTEXT]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this legacy endpoint
+MAX_CHOICES = 64  # prompts x n
 
 
 def prompts_of(body: CompletionRequest, tokenizer: HarmonyTokenizer) -> list[list[int]]:
@@ -43,81 +50,132 @@ def prompts_of(body: CompletionRequest, tokenizer: HarmonyTokenizer) -> list[lis
     items: list[Any] = [raw] if isinstance(raw, str) or (raw and isinstance(raw[0], int)) else list(raw)
     prompts = []
     for i, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
         ids = tokenizer.encode_with_specials(item) if isinstance(item, str) else list(item)
         if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt" if len(items) == 1 else f"prompt[{i}]")
+            raise APIError(400, "the prompt is empty", param=param)
         bad = next((t for t in ids if not tokenizer.is_known(t)), None)
         if bad is not None:
-            raise APIError(400, f"token id {bad} is not in the vocabulary", param="prompt")
+            raise APIError(400, f"token id {bad} is not in the vocabulary", param=param)
         prompts.append(ids)
     return prompts
 
 
-class TextChoiceState:
+def engine_requests(
+    body: CompletionRequest, prompts: list[list[int]], state: ServerState
+) -> list[EngineRequest]:
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
+    limit = OutputLimit(body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
+    stop_ids = [] if body.ignore_eos else COMPLETION_STOP_IDS
+    return [
+        EngineRequest(
+            prompt,
+            sampling_params(
+                body,
+                limit=limit,
+                prompt_len=len(prompt),
+                prompt_param="prompt",
+                max_model_len=state.max_model_len,
+                stop_token_ids=stop_ids,
+                logprobs=body.logprobs,
+                choice_index=j,
+            ),
+            prompt_index=p,
+        )
+        for p, prompt in enumerate(prompts)
+        for j in range(body.n)
+    ]
+
+
+class CompletionChunks:
+    """Pipeline events -> ``text_completion`` chunk models."""
+
     def __init__(
-        self, index: int, tokenizer: HarmonyTokenizer, stops: list[str], skip_special: bool, logprobs: bool
+        self, response_id: str, model: str, tokenizer: HarmonyTokenizer, *, logprobs: bool, usage: bool
     ):
-        self.index = index
-        self.tokenizer = tokenizer
-        self.decoder = IncrementalDecoder(tokenizer, include_special=not skip_special)
-        self.stop = StopStringFilter(stops)
-        self.want_logprobs = logprobs
-        self.text = ""
-        self.logprobs = CompletionLogprobs()
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.completion_tokens = 0
+        self._head = {"id": response_id, "created": int(time.time()), "model": model}
+        self._tokenizer = tokenizer
+        self._logprobs = logprobs
+        self._usage = usage
 
-    def on_output(self, out: RequestOutput) -> tuple[str, CompletionLogprobs | None]:
-        pieces = []
-        step_logprobs = CompletionLogprobs() if self.want_logprobs else None
-        lps = out.logprobs or [None] * len(out.token_ids)
-        for token_id, lp in zip(out.token_ids, lps, strict=False):
-            if out.finish_reason == "stop" and token_id == out.stop_token_id:
-                continue  # the stop token itself is not part of the text
-            piece = self.stop.feed(self.decoder.feed(token_id))
-            if step_logprobs is not None and lp is not None:
-                step_logprobs.tokens.append(self.tokenizer.token_text(token_id))
-                step_logprobs.token_logprobs.append(lp.logprob)
-                step_logprobs.top_logprobs.append({self.tokenizer.token_text(t): v for t, v in lp.top})
-                step_logprobs.text_offset.append(len(self.text) + sum(map(len, pieces)))
-            pieces.append(piece)
-            if self.stop.stopped is not None:
-                break
-        self.prompt_tokens, self.cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
-        self.completion_tokens = out.num_output_tokens
-        if self.stop.stopped is not None:
-            self.finish_reason, self.stop_reason = "stop", self.stop.stopped
-        elif out.finished:
-            pieces.append(self.stop.feed(self.decoder.flush()))
-            pieces.append(self.stop.flush())
-            self.finish_reason = "length" if out.finish_reason == "length" else "stop"
-            self.stop_reason = out.stop_token_id if out.finish_reason == "stop" else None
-        text = "".join(pieces)
-        self.text += text
-        if step_logprobs is not None:
-            for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
-                getattr(self.logprobs, key).extend(getattr(step_logprobs, key))
-        return text, step_logprobs
+    def _chunk(self, choices: list[CompletionChunkChoice], usage: Usage | None = None) -> CompletionChunk:
+        extra = {"usage": usage} if self._usage else {}
+        return CompletionChunk(**self._head, choices=choices, **extra)
+
+    def _logprobs_of(self, placed: tuple[ev.PlacedLogprob, ...]) -> CompletionLogprobs:
+        text = self._tokenizer.token_text
+        return CompletionLogprobs(
+            tokens=[text(p.logprob.token_id) for p in placed],
+            token_logprobs=[p.logprob.logprob for p in placed],
+            top_logprobs=[{text(t): v for t, v in p.logprob.top} for p in placed],
+            text_offset=[p.text_offset for p in placed],
+        )
+
+    def __call__(self, event: ev.Event) -> list[CompletionChunk]:
+        if isinstance(event, ev.ContentText):
+            logprobs = self._logprobs_of(event.logprobs) if self._logprobs else None
+            choice = CompletionChunkChoice(
+                index=event.choice, text=event.text, logprobs=logprobs, finish_reason=None, stop_reason=None
+            )
+            return [self._chunk([choice])]
+        if isinstance(event, ev.Finished):
+            choice = CompletionChunkChoice(
+                index=event.choice,
+                text="",
+                logprobs=CompletionLogprobs() if self._logprobs else None,
+                finish_reason=event.reason,  # type: ignore[arg-type]
+                stop_reason=event.stop_reason,
+            )
+            return [self._chunk([choice])]
+        if isinstance(event, ev.Usage) and self._usage:
+            usage = Usage(
+                prompt_tokens=event.prompt_tokens,
+                completion_tokens=event.completion_tokens,
+                total_tokens=event.total_tokens,
+                prompt_tokens_details=PromptTokensDetails(cached_tokens=event.cached_tokens),
+            )
+            return [self._chunk([], usage)]
+        return []
 
 
-def _usage(states: list[TextChoiceState], n: int) -> Usage:
-    prompt = sum(s.prompt_tokens for s in states[::n])  # each prompt once
-    completion = sum(s.completion_tokens for s in states)
-    return Usage(
-        prompt_tokens=prompt,
-        completion_tokens=completion,
-        total_tokens=prompt + completion,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(s.cached_tokens for s in states[::n])),
+def fold(chunks: list[CompletionChunk], n: int, logprobs: bool) -> CompletionResponse:
+    """The non-streaming body: every chunk's text and logprobs, accumulated per choice."""
+    text = [""] * n
+    lps = [CompletionLogprobs() for _ in range(n)]
+    finish: list[Any] = [None] * n
+    stop: list[int | str | None] = [None] * n
+    usage = None
+    for chunk in chunks:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            text[c.index] += c.text
+            if c.logprobs is not None:
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(lps[c.index], key).extend(getattr(c.logprobs, key))
+            if c.finish_reason is not None:
+                finish[c.index], stop[c.index] = c.finish_reason, c.stop_reason
+    assert usage is not None
+    first = chunks[0]
+    choices = [
+        CompletionChoice(
+            index=i,
+            text=text[i],
+            logprobs=lps[i] if logprobs else None,
+            finish_reason=finish[i],
+            stop_reason=stop[i],
+        )
+        for i in range(n)
+    ]
+    return CompletionResponse(
+        id=first.id, created=first.created, model=first.model, choices=choices, usage=usage
     )
 
 
 @router.post(
     "/v1/completions",
     response_model=CompletionResponse,
-    responses=GENERATION_RESPONSES,
+    responses=generation_responses(CompletionChunk),
     summary="Create a raw text completion of a (Harmony) prompt",
 )
 async def completions(body: CompletionRequest, request: Request):
@@ -125,120 +183,29 @@ async def completions(body: CompletionRequest, request: Request):
     request_id = request_id_of(request)
     if body.model_extra:
         logger.debug("%s: ignoring unknown fields %s", request_id, sorted(body.model_extra))
-    engine = state.require_engine()
+    state.require_engine()
     model = state.resolve_model(body.model)
     tokenizer = state.require_tokenizer()
     prompts = await asyncio.to_thread(prompts_of, body, tokenizer)  # long prompts: off the loop
-    if len(prompts) * body.n > 64:
-        raise APIError(400, "at most 64 choices (prompts x n) per request", param="n")
     if state.settings.log_requests:
         text_logger.info("%s prompts: %r", request_id, [tokenizer.decode_with_specials(p) for p in prompts])
-    stop_ids = [] if body.ignore_eos else COMPLETION_STOP_IDS
-    requests = []
-    for prompt in prompts:
-        for j in range(body.n):
-            params = build_sampling_params(
-                body,
-                max_tokens=body.max_tokens if body.max_tokens is not None else 16,
-                prompt_len=len(prompt),
-                max_model_len=state.max_model_len,
-                stop_token_ids=stop_ids,
-                logprobs=body.logprobs,
-                choice_index=j,
-            )
-            requests.append((prompt, params))
+    requests = engine_requests(body, prompts, state)
     stops = stop_strings(body.stop)
-    states = [
-        TextChoiceState(i, tokenizer, stops, body.skip_special_tokens, body.logprobs is not None)
+    assemblers = [
+        TextAssembler(i, tokenizer, stops, skip_special=body.skip_special_tokens)
         for i in range(len(requests))
     ]
-    session = open_session(engine, "cmpl", state.drain, state.metrics, requests, request_id)
-    response_id = session.response_id
-    created = int(time.time())
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(session, states, state, response_id, created, model, include_usage, body.n, request_id),
-            media_type="text/event-stream",
-            headers=SSE_HEADERS,
-        )
-    try:
-        await run_to_end(session, states, request_id, request.receive)
-    finally:
-        _account(state, states, body.n, request_id)
-    return CompletionResponse(
-        id=response_id,
-        created=created,
-        model=model,
-        choices=[
-            CompletionChoice(
-                index=s.index,
-                text=s.text,
-                logprobs=s.logprobs if body.logprobs is not None else None,
-                finish_reason=s.finish_reason,
-                stop_reason=s.stop_reason,
-            )
-            for s in states
-        ],
-        usage=_usage(states, body.n),
+    generation = open_generation(state, request_id, requests, assemblers, kind="cmpl", prompt_param="prompt")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    want_logprobs = body.logprobs is not None
+    chunks = CompletionChunks(
+        generation.response_id,
+        model,
+        tokenizer,
+        logprobs=want_logprobs,
+        usage=include_usage or not body.stream,
     )
-
-
-def _account(state: ServerState, states: list[TextChoiceState], n: int, request_id: str) -> None:
-    for i, s in enumerate(states):
-        state.metrics.add_tokens(s.prompt_tokens if i % n == 0 else 0, s.completion_tokens, 0)
-        if state.settings.log_requests:
-            text_logger.info("%s choice %d: text=%r", request_id, s.index, s.text)
-
-
-async def _stream(
-    session: EngineSession,
-    states: list[TextChoiceState],
-    state: ServerState,
-    response_id: str,
-    created: int,
-    model: str,
-    include_usage: bool,
-    n: int,
-    request_id: str,
-) -> AsyncIterator[bytes]:
-    def chunk(choices: list[dict[str, Any]], usage: dict | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": response_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": choices,
-        }
-        if include_usage:
-            payload["usage"] = usage
-        return sse_event(payload)
-
-    try:
-        while (item := await session.next_output()) is not None:
-            index, out = item
-            s = states[index]
-            text, logprobs = s.on_output(out)
-            if s.stop.stopped is not None:
-                session.finish_early(index)
-            if text or s.finish_reason is not None:
-                yield chunk(
-                    [
-                        {
-                            "index": index,
-                            "text": text,
-                            "logprobs": logprobs.model_dump() if logprobs is not None else None,
-                            "finish_reason": s.finish_reason,
-                            "stop_reason": s.stop_reason,
-                        }
-                    ]
-                )
-        if include_usage:
-            yield chunk([], usage=_usage(states, n).model_dump())
-        yield DONE
-    except Exception as exc:  # never cut a stream silently: an error event, then [DONE]
-        yield stream_error_event(exc, request_id)
-        yield DONE
-    finally:
-        session.close()
-        _account(state, states, n, request_id)
+    if body.stream:
+        return sse_response(data_stream((), generation, chunks))
+    events = await generation.collect(request.receive)
+    return fold([c for e in events for c in chunks(e)], len(requests), want_logprobs)

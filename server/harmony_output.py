@@ -1,72 +1,48 @@
-"""Model output tokens -> chat-completions fields (spec harmony.md §10-§11.8).
+"""One choice's model output, token by token, as API-neutral events (spec harmony.md §10-§11.8).
 
-One ``HarmonyOutputMapper`` per choice, fed token by token; each call returns an
-``OutputDelta`` (what a streaming chunk carries). Concatenating every delta gives exactly the
-non-streaming message, so both paths share this code:
 - analysis, and any message addressed to a non-function recipient (a built-in tool call the
-  client cannot run) -> ``reasoning``;
-- final, recipient-less commentary (a preamble) and channel-less text -> ``content``;
-- recipient ``functions.NAME`` -> a tool call (id ``call_...``, name, raw argument text);
-- a new message in a field that already holds text is separated by ``\n``;
-- a message the model writes under another author (a made-up user, system or tool turn) is
-  not the assistant speaking: its text goes nowhere (and is counted as a problem).
-The parser drops control tokens from content, so special-token text never reaches a field.
+  client cannot run) -> ``ReasoningText``;
+- final, recipient-less commentary (a preamble) and channel-less text -> ``ContentText``;
+- recipient ``functions.NAME`` -> ``ToolCallBegun`` (fresh ``call_...`` id), its raw argument
+  text as ``ToolCallArguments``, then ``ToolCallEnded``;
+- a message the model writes under another author (a made-up user, system or tool turn) is not
+  the assistant speaking: its text goes nowhere (counted as a parse problem).
+The parser drops control tokens from content, so special-token text never reaches an event.
+Stop strings apply to the content (``join`` separates messages of one kind, as chat joins them,
+and takes part in the match); a match ends the choice at once.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from typing import Literal
 
-from engine.types import TokenLogprob
+from engine.types import RequestOutput, TokenLogprob
+from harmony import tokens
 from harmony.parser import MessageEnd, ParseProblem, StreamingParser, TextDelta
 from harmony.tokenizer import HarmonyTokenizer
+from server.events import (
+    ChoiceEvent,
+    ContentText,
+    Finished,
+    PlacedLogprob,
+    ReasoningText,
+    ToolCallArguments,
+    ToolCallBegun,
+    ToolCallEnded,
+    finish_reason,
+)
+from server.stop_strings import StopStringFilter
 
 FUNCTIONS_PREFIX = "functions."
+Kind = Literal["reasoning", "content", "tool", "dropped"]
 
 
 def new_tool_call_id() -> str:
     return "call_" + secrets.token_hex(12)
 
 
-@dataclass
-class ToolCallDelta:
-    index: int
-    arguments: str
-    id: str | None = None  # set on the first delta of a call
-    name: str | None = None
-
-
-@dataclass
-class OutputDelta:
-    reasoning: str = ""
-    content: str = ""
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
-    content_logprobs: list[TokenLogprob] = field(default_factory=list)
-
-    def is_empty(self) -> bool:
-        return not (self.reasoning or self.content or self.tool_calls)
-
-    def extend(self, other: OutputDelta) -> None:
-        self.reasoning += other.reasoning
-        self.content += other.content
-        self.content_logprobs += other.content_logprobs
-        for call in other.tool_calls:
-            last = self.tool_calls[-1] if self.tool_calls else None
-            if last is not None and last.index == call.index and call.id is None:
-                last.arguments += call.arguments
-            else:
-                self.tool_calls.append(ToolCallDelta(call.index, call.arguments, call.id, call.name))
-
-
-@dataclass
-class ToolCallState:
-    id: str
-    name: str
-    arguments: str = ""
-
-
-def _field_of(channel: str | None, recipient: str | None) -> str:
+def _kind_of(channel: str | None, recipient: str | None) -> Kind:
     if recipient:
         return "tool" if recipient.startswith(FUNCTIONS_PREFIX) else "reasoning"
     if channel in (None, "final", "commentary"):
@@ -74,87 +50,124 @@ def _field_of(channel: str | None, recipient: str | None) -> str:
     return "reasoning"  # analysis, or a channel the model made up
 
 
-class HarmonyOutputMapper:
-    def __init__(self, tokenizer: HarmonyTokenizer) -> None:
+class HarmonyAssembler:
+    def __init__(
+        self,
+        choice: int,
+        tokenizer: HarmonyTokenizer,
+        stops: list[str],
+        *,
+        include_reasoning: bool = True,
+        join: str = "\n",
+    ) -> None:
+        self.choice = choice
         self._parser = StreamingParser(tokenizer)
-        self.tool_calls: list[ToolCallState] = []
+        self._stop = StopStringFilter(stops)
+        self._include_reasoning = include_reasoning
+        self._join = join
         self.reasoning_tokens = 0
         self.problems: list[str] = []
-        self.last_terminator: str | None = None
-        self._has_text = {"reasoning": False, "content": False}
-        self._message_field: str | None = None  # field of the message in progress
-        self._message_call: ToolCallState | None = None
-        self._in_analysis = False
-
-    def feed(self, token_id: int, logprob: TokenLogprob | None = None) -> OutputDelta:
-        counted_as_reasoning = self._in_analysis
-        delta = self._apply(self._parser.feed(token_id), logprob)
-        if counted_as_reasoning or self._in_analysis:
-            self.reasoning_tokens += 1
-        return delta
-
-    def finish(self) -> OutputDelta:
-        return self._apply(self._parser.finish(), None)
-
-    def _apply(self, events: list, logprob: TokenLogprob | None) -> OutputDelta:
-        delta = OutputDelta()
-        for event in events:
-            if isinstance(event, TextDelta):
-                self._on_text(event, logprob, delta)
-                logprob = None  # one token's logprob goes to its first piece of text
-            elif isinstance(event, MessageEnd):
-                self._on_end(event, delta)
-            elif isinstance(event, ParseProblem):
-                self.problems.append(event.detail)
-        return delta
-
-    def _start_message(self, channel: str | None, recipient: str | None, delta: OutputDelta) -> None:
-        kind = _field_of(channel, recipient)
-        self._message_field = kind
-        self._in_analysis = kind == "reasoning"
-        if kind == "tool":
-            assert recipient is not None
-            call = ToolCallState(new_tool_call_id(), recipient[len(FUNCTIONS_PREFIX) :])
-            self._message_call = call
-            self.tool_calls.append(call)
-            delta.tool_calls.append(ToolCallDelta(len(self.tool_calls) - 1, "", call.id, call.name))
-        elif self._has_text[kind]:
-            setattr(delta, kind, getattr(delta, kind) + "\n")
-
-    def _on_text(self, event: TextDelta, logprob: TokenLogprob | None, delta: OutputDelta) -> None:
-        if event.role != "assistant":
-            if self._message_field is None:
-                self._message_field = "dropped"
-                self.problems.append(f"text of a message by {event.role!r} dropped")
-            return
-        if self._message_field is None:
-            self._start_message(event.channel, event.recipient, delta)
-        kind = self._message_field
-        if kind == "tool":
-            assert self._message_call is not None
-            self._message_call.arguments += event.text
-            delta.tool_calls.append(ToolCallDelta(len(self.tool_calls) - 1, event.text))
-            return
-        assert kind is not None
-        setattr(delta, kind, getattr(delta, kind) + event.text)
-        self._has_text[kind] = True
-        if kind == "content" and logprob is not None:
-            delta.content_logprobs.append(logprob)
-
-    def _on_end(self, event: MessageEnd, delta: OutputDelta) -> None:
-        message = event.message
-        if (
-            self._message_field is None
-            and message.role == "assistant"
-            and message.recipient
-            and message.recipient.startswith(FUNCTIONS_PREFIX)
-        ):
-            self._start_message(message.channel, message.recipient, delta)  # a call with empty arguments
-        self._message_field = None
-        self._message_call = None
-        self._in_analysis = False
-        self.last_terminator = event.terminator
+        self.calls: list[tuple[str, str]] = []  # (name, arguments) of each call so far
+        self._text = {"reasoning": "", "content": ""}  # everything emitted, for the request log
+        self._message = -1
+        self._kind: Kind | None = None  # kind of the message in progress (None between messages)
+        self._last_terminator: str | None = None
 
     @property
-    def ended_in_call(self) -> bool:
-        return self.last_terminator == "call" and bool(self.tool_calls)
+    def stopped(self) -> bool:
+        """A stop string matched: the choice is over (its engine request can be aborted)."""
+        return self._stop.stopped is not None
+
+    def summary(self) -> str:
+        """What the choice said, for ``--log-requests``."""
+        return f"reasoning={self._text['reasoning']!r} content={self._text['content']!r} tool_calls={self.calls!r}"
+
+    def feed(self, out: RequestOutput) -> list[ChoiceEvent]:
+        events: list[ChoiceEvent] = []
+        logprobs = out.logprobs or [None] * len(out.token_ids)
+        for token_id, logprob in zip(out.token_ids, logprobs, strict=False):
+            in_analysis = self._kind == "reasoning"
+            self._apply(self._parser.feed(token_id), logprob, events)
+            if in_analysis or self._kind == "reasoning":
+                self.reasoning_tokens += 1
+            if self.stopped:
+                events.append(Finished(self.choice, "stop", self._stop.stopped))
+                return events
+        if out.finished:
+            self._apply(self._parser.finish(), None, events)
+            self._content(self._stop.flush(), None, events)
+            ended_in_call = self._last_terminator == "call" or out.stop_token_id == tokens.CALL
+            reason = finish_reason(
+                out.finish_reason,
+                stop_string_matched=False,
+                ended_in_tool_call=out.finish_reason == "stop" and ended_in_call and bool(self.calls),
+            )
+            events.append(Finished(self.choice, reason))
+        return events
+
+    # -- parser events -> choice events ------------------------------------------------------
+
+    def _apply(self, parsed: list, logprob: TokenLogprob | None, events: list[ChoiceEvent]) -> None:
+        for event in parsed:
+            if isinstance(event, TextDelta):
+                self._on_text(event, logprob, events)
+                logprob = None  # one token's logprob goes to its first piece of text
+            elif isinstance(event, MessageEnd):
+                self._on_end(event, events)
+            elif isinstance(event, ParseProblem):
+                self.problems.append(event.detail)
+
+    def _start(self, channel: str | None, recipient: str | None, events: list[ChoiceEvent]) -> None:
+        self._kind = _kind_of(channel, recipient)
+        self._message += 1
+        if self._kind == "tool":
+            assert recipient is not None
+            name = recipient[len(FUNCTIONS_PREFIX) :]
+            self.calls.append((name, ""))
+            events.append(
+                ToolCallBegun(self.choice, self._message, len(self.calls) - 1, new_tool_call_id(), name)
+            )
+
+    def _on_text(self, event: TextDelta, logprob: TokenLogprob | None, events: list[ChoiceEvent]) -> None:
+        if self._kind is None:
+            if event.role != "assistant":
+                self._kind = "dropped"
+                self.problems.append(f"text of a message by {event.role!r} dropped")
+                return
+            self._start(event.channel, event.recipient, events)
+            if self._text.get(self._kind):
+                self._emit(self._kind, self._join, None, events)
+        self._emit(self._kind, event.text, logprob, events)
+
+    def _emit(
+        self, kind: Kind | None, text: str, logprob: TokenLogprob | None, events: list[ChoiceEvent]
+    ) -> None:
+        if kind == "tool":
+            name, arguments = self.calls[-1]
+            self.calls[-1] = (name, arguments + text)
+            events.append(ToolCallArguments(self.choice, len(self.calls) - 1, text))
+        elif kind == "reasoning":
+            self._text["reasoning"] += text
+            if self._include_reasoning:
+                events.append(ReasoningText(self.choice, self._message, text))
+        elif kind == "content":
+            self._content(self._stop.feed(text) if self._stop.active else text, logprob, events)
+
+    def _content(self, text: str, logprob: TokenLogprob | None, events: list[ChoiceEvent]) -> None:
+        placed = () if logprob is None else (PlacedLogprob(logprob, len(self._text["content"])),)
+        if text or placed:
+            self._text["content"] += text
+            events.append(ContentText(self.choice, max(self._message, 0), text, placed))
+
+    def _on_end(self, event: MessageEnd, events: list[ChoiceEvent]) -> None:
+        message = event.message
+        if (
+            self._kind is None
+            and message.role == "assistant"
+            and (message.recipient or "").startswith(FUNCTIONS_PREFIX)
+        ):
+            self._start(message.channel, message.recipient, events)  # a call with empty arguments
+        if self._kind == "tool":
+            events.append(ToolCallEnded(self.choice, len(self.calls) - 1, self.calls[-1][1]))
+        self._kind = None
+        self._last_terminator = event.terminator

@@ -2,7 +2,7 @@
 
 In order: request id (echoed as ``x-request-id`` on every response), auth (constant-time key
 compare; probes and /metrics exempt), drain (503 + Retry-After for new work), body size
-(413, the body is read here and replayed), then the app, counted as in flight for the
+(413, the body is read here and replayed), JSON nesting depth (400, ``server.json_depth``), then the app, counted as in flight for the
 drain, timed and counted in metrics; an unexpected exception becomes a logged 500.
 """
 
@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import error_response
+from server.json_depth import MAX_JSON_DEPTH, json_depth
 from server.state import NOT_READY_RETRY_AFTER, ServerState
 
 logger = logging.getLogger("server.access")
@@ -99,6 +100,10 @@ class RequestContextMiddleware:
                 rejection = error_response(
                     413, f"Request body exceeds {settings.max_body_bytes} bytes.", code="body_too_large"
                 )
+            elif _is_json(headers) and json_depth(body) > MAX_JSON_DEPTH:
+                rejection = error_response(
+                    400, f"The JSON body nests deeper than {MAX_JSON_DEPTH} levels.", code="json_too_deep"
+                )
             else:
                 body_receive = _replay(body, receive)
 
@@ -148,6 +153,12 @@ class RequestContextMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks), False
+
+
+def _is_json(headers: Headers) -> bool:
+    """FastAPI parses a body as JSON when no content type says otherwise."""
+    content_type = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    return content_type == "" or content_type == "application/json" or content_type.endswith("+json")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

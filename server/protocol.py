@@ -24,8 +24,11 @@ class TextPart(_Lenient):
     text: str
 
 
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
 class FunctionCall(_Lenient):
-    name: str
+    name: NonEmpty
     arguments: str = Field(description="JSON text of the arguments, as the model wrote them.")
 
 
@@ -46,7 +49,7 @@ class ChatMessage(_Lenient):
 
 
 class FunctionDefinition(_Lenient):
-    name: str
+    name: NonEmpty
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -74,7 +77,7 @@ class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
-class _SamplingFields(_Lenient):
+class SamplingFields(_Lenient):
     """Fields shared by chat and text completions."""
 
     model: str | None = Field(default=None, description="A name from /v1/models; omitted = the served model.")
@@ -99,7 +102,7 @@ class _SamplingFields(_Lenient):
     ignore_eos: bool = False
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -115,7 +118,7 @@ class ChatCompletionRequest(_SamplingFields):
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: (
         str
         | TokenIds

@@ -7,10 +7,11 @@ import asyncio
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from server.chat import check_tool_choice, render_prompt, render_request_dict
+from server.chat_request import render_chat
 from server.errors import APIError
 from server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
-from server.responses import (
+from server.state import ServerState, get_state
+from server.wire import (
     DetokenizeResponse,
     ErrorResponse,
     ModelCard,
@@ -19,12 +20,11 @@ from server.responses import (
     TokenizeResponse,
     documented_errors,
 )
-from server.state import get_state
 
 router = APIRouter()
 
 
-def _card(state, name: str) -> ModelCard:
+def _card(state: ServerState, name: str) -> ModelCard:
     return ModelCard(id=name, created=state.created, max_model_len=state.max_model_len or None)
 
 
@@ -60,9 +60,7 @@ async def tokenize(body: TokenizeChatRequest | TokenizePromptRequest, request: R
     tokenizer = state.require_tokenizer()
     state.resolve_model(body.model)
     if isinstance(body, TokenizeChatRequest):
-        check_tool_choice(body)  # type: ignore[arg-type]
-        rendered = await render_prompt(render_request_dict(body, state), state)  # type: ignore[arg-type]
-        ids = rendered.token_ids
+        ids = (await render_chat(body, state)).token_ids
     else:
         ids = await asyncio.to_thread(tokenizer.encode_with_specials, body.prompt)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=state.max_model_len)

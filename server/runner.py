@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Any
 
 import uvicorn
 
-from server.app import create_app
+from server.app import EngineFactory, build_engine, create_app
 from server.settings import ServerSettings
 from server.state import ServerState
 
@@ -31,9 +30,10 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(settings: ServerSettings, engine: Any = None) -> int:
-    """Serve until drained. ``engine``: an engine to use instead of building one (tests)."""
-    app = create_app(settings, engine=engine)
+async def serve(settings: ServerSettings, engine_factory: EngineFactory = build_engine) -> int:
+    """Serve until drained. ``engine_factory`` builds the engine in the background (tests
+    pass one that injects scripted sampling)."""
+    app = create_app(settings, engine_factory=engine_factory)
     state: ServerState = app.state.server
     config = uvicorn.Config(
         app,

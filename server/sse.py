@@ -1,20 +1,58 @@
-"""Server-Sent Events framing: ``data: {json}\\n\\n`` ... ``data: [DONE]\\n\\n``."""
+"""Server-Sent Events: FastAPI's framing (``fastapi.sse``) of our typed chunks.
+
+The OpenAI-style streams are ``data: {json}`` frames ending with ``data: [DONE]``; an error after
+the 200 status line went out is one ``data: {"error": {...}}`` frame before ``[DONE]``.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable
 
-from server.errors import error_body
+from fastapi.sse import EventSourceResponse, format_sse_event
+from pydantic import BaseModel
 
-DONE = b"data: [DONE]\n\n"
+from server.errors import APIError, error_body
+from server.events import Event, Failed
+from server.pipeline import Generation
+
+logger = logging.getLogger("server.sse")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DONE = format_sse_event(data_str="[DONE]")
 
 
-def sse_event(payload: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+def sse_frame(model: BaseModel, event: str | None = None) -> bytes:
+    """One frame; unset fields are left out (see ``server.wire``)."""
+    return format_sse_event(data_str=model.model_dump_json(exclude_unset=True), event=event)
 
 
-def sse_error(status: int, message: str, code: str | None = None) -> bytes:
-    """An error after the stream started (the status line already said 200)."""
-    return sse_event(error_body(status, message, None, code))
+def sse_error(error: APIError) -> bytes:
+    body = error_body(error.status, error.message, error.param, error.code)
+    return format_sse_event(data_str=json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+
+
+async def data_stream(
+    head: Iterable[BaseModel], generation: Generation, chunks_of: Callable[[Event], list[BaseModel]]
+) -> AsyncIterator[bytes]:
+    """``head`` chunks, then the chunks of each event, then ``[DONE]``; a failure is an error
+    frame. A client that disconnects cancels this: the generation is closed (aborted) at once."""
+    try:
+        for chunk in head:
+            yield sse_frame(chunk)
+        async for event in generation.events():
+            if isinstance(event, Failed):
+                yield sse_error(event.error)
+                break
+            for chunk in chunks_of(event):
+                yield sse_frame(chunk)
+    except Exception as exc:  # a bug in an adapter: still an error event, never a cut stream
+        logger.error("%s: streaming failed", generation.request_id, exc_info=exc)
+        yield sse_error(APIError(500, f"Internal server error (request id {generation.request_id})."))
+    finally:
+        generation.close()
+    yield DONE
+
+
+def sse_response(frames: AsyncIterator[bytes]) -> EventSourceResponse:
+    return EventSourceResponse(frames, headers=SSE_HEADERS)

@@ -6,10 +6,10 @@ import datetime
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import Request
 
+from engine.types import EngineClient
 from harmony.tokenizer import HarmonyTokenizer
 from server.errors import APIError
 from server.lifecycle import DrainController
@@ -24,7 +24,7 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     drain: DrainController = field(default_factory=DrainController)
-    engine: Any = None  # engine.async_engine.AsyncEngine once loaded
+    engine: EngineClient | None = None  # set once loaded
     tokenizer: HarmonyTokenizer | None = None
     owns_engine: bool = True  # built here (shut down here) vs handed in by a test
     load_error: str | None = None
@@ -39,7 +39,7 @@ class ServerState:
     def ready(self) -> bool:
         return self.engine is not None and self.tokenizer is not None and not self.drain.draining
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         if self.drain.draining:
             raise APIError(
                 503, "The server is shutting down.", code="draining", retry_after=NOT_READY_RETRY_AFTER

@@ -13,8 +13,7 @@ import time
 
 import httpx
 import pytest
-
-from server.testing import ServerProcess
+from server_process import ServerProcess
 
 SCRIPT = {"rules": [], "default": "<|channel|>final<|message|>" + "tick " * 4000, "delay_seconds": 0.005}
 
@@ -24,12 +23,11 @@ def start_server(tiny_checkpoint_dir, tmp_path, drain_timeout: float) -> ServerP
     script.write_text(json.dumps(SCRIPT))
     args = [
         "--model", str(tiny_checkpoint_dir),
-        "--scripted-tokens", str(script),
         "--drain-timeout", str(drain_timeout),
         "--kv-cache-memory", "64MiB",
         "--max-model-len", "4096",
     ]  # fmt: skip
-    return ServerProcess(args).start()
+    return ServerProcess(args, script=script).start()
 
 
 async def open_stream(client: httpx.AsyncClient, max_tokens: int, started: asyncio.Event, out: list) -> None:

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from engine_doubles import FlakyModel
+from scripted import install_script
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.types import (
     EngineDeadError,
+    FailureKind,
     InvalidRequestError,
     PromptTooLongError,
     QueueFullError,
@@ -262,14 +264,14 @@ def test_stop_tokens_min_tokens_and_ignore_eos(ckpt: Path, model: torch.nn.Modul
     assert held[0] != free[0] and (free[0] not in held[:5])
 
 
-def test_logprobs_and_token_source(ckpt: Path, model: torch.nn.Module) -> None:
+def test_logprobs_of_scripted_tokens_are_the_models(ckpt: Path, model: torch.nn.Module) -> None:
     ids = prompt(9, 700)
     forced = [11, 22, 33]
 
     def source(prompt_ids: object, output_ids: object) -> int:
         return forced[len(output_ids)]  # type: ignore[arg-type]
 
-    engine = make_engine(ckpt, model, token_source=source)
+    engine = install_script(make_engine(ckpt, model), source)
     outs = run(engine, {"t": (ids, SamplingParams(temperature=0, max_tokens=3, logprobs=2))})["t"]
     assert tokens(outs) == forced
     lps = [lp for o in outs for lp in (o.logprobs or [])]
@@ -291,14 +293,17 @@ def test_step_errors_fail_requests_then_kill_the_engine(ckpt: Path, model: torch
     flaky.failing = True
     outs = engine.step()
     assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "error")]
-    assert "simulated device failure" in (outs[0].error or "")
+    failure = outs[0].error
+    assert failure is not None and failure.kind is FailureKind.STEP_FAILED
+    assert "simulated device failure" in failure.message
     assert engine.alive and engine.block_manager.all_free()
     flaky.failing = False
     assert final(run(engine, {"b": (prompt(5, 801), GREEDY)})["b"]).finish_reason == "length"
     flaky.failing = True
     for i in range(3):
         engine.add_request(f"c{i}", prompt(5, 802 + i), GREEDY)
-        engine.step()
+        last = engine.step()
+    assert [o.error.kind for o in last if o.error] == [FailureKind.ENGINE_DEAD]
     assert not engine.alive and engine.stats().alive is False
     assert engine.block_manager.all_free()
     with pytest.raises(EngineDeadError):

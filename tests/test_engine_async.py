@@ -14,7 +14,14 @@ from engine_doubles import FlakyModel
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.types import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput, SamplingParams
+from engine.types import (
+    EngineDeadError,
+    FailureKind,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+)
 from model.checkpoint import make_checkpoint
 from model.loader import load_model
 
@@ -156,7 +163,9 @@ def test_a_failing_step_ends_streams_with_an_error(ckpt: Path, model: torch.nn.M
             outs = await collect(
                 engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4))
             )
-            assert outs[-1].finish_reason == "error" and "simulated failure" in (outs[-1].error or "")
+            failure = outs[-1].error
+            assert outs[-1].finish_reason == "error" and failure is not None
+            assert failure.kind is FailureKind.STEP_FAILED and "simulated failure" in failure.message
             assert engine.is_alive
             flaky.failing = False
             outs = await collect(

@@ -122,11 +122,11 @@ def test_logprobs_are_the_models_distribution() -> None:
     assert lp1 is not None and lp1.top == []
 
 
-def test_forced_tokens_keep_model_logprobs() -> None:
+def test_logprobs_of_given_tokens_are_the_models() -> None:
     x = logits_rows(1, seed=4)
-    out = sampler()(x, [seq(SamplingParams(temperature=0, logprobs=1))], forced=[5])
-    assert out.token_ids == [5]
-    lp = out.logprobs[0]
+    out = sampler().logprobs_of(x, [seq(SamplingParams(temperature=0, logprobs=1))], torch.tensor([5]))
+    lp = out[0]
+    assert lp is not None and lp.token_id == 5
     assert lp is not None and math.isclose(lp.logprob, torch.log_softmax(x, -1)[0, 5].item(), rel_tol=1e-5)
 
 

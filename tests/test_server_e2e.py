@@ -12,9 +12,9 @@ import time
 import httpx
 import openai
 import pytest
+from server_process import ServerProcess
 
 from harmony.chat_json import render_chat_json
-from server.testing import ServerProcess
 
 MODEL = "gpt-oss-e2e"
 MAX_MODEL_LEN = 1024

@@ -1,5 +1,5 @@
-"""The test-only factory: ``create_app(settings, engine=...)`` served by uvicorn in a thread, with a
-TokenSource written in Python (no script file) plugged into the real engine."""
+"""``create_app(settings, engine=...)`` served by uvicorn in a thread, with scripted sampling
+written in Python (no script file) installed into the real engine."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import time
 
 import httpx
 import uvicorn
+from scripted import install_script
+from server_process import free_port
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from harmony.tokenizer import load_tokenizer
 from server.app import create_app
 from server.settings import ServerSettings
-from server.testing import free_port
 
 
 def test_create_app_with_a_given_engine(tiny_checkpoint_dir):
@@ -24,11 +26,8 @@ def test_create_app_with_a_given_engine(tiny_checkpoint_dir):
     def token_source(prompt_ids, output_ids):
         return answer[min(len(output_ids), len(answer) - 1)]
 
-    engine = AsyncEngine(
-        EngineConfig(
-            model_dir=str(tiny_checkpoint_dir), kv_cache_memory=32 * 2**20, token_source=token_source
-        )
-    )
+    llm = LLMEngine(EngineConfig(model_dir=str(tiny_checkpoint_dir), kv_cache_memory=32 * 2**20))
+    engine = AsyncEngine(install_script(llm, token_source))
     settings = ServerSettings(host="127.0.0.1", port=free_port(), served_model_name=["inproc"])
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1", port=settings.port)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_process import ServerProcess
 
 from server.settings import DEFAULT_MODEL_NAME
-from server.testing import ServerProcess
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -18,8 +18,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-
-from server.testing import ServerProcess
+from server_process import ServerProcess
 
 CASES_PER_OPERATION = 11
 CHECKS = [

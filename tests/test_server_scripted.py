@@ -1,8 +1,8 @@
 """Exact reasoning / tool-call / stop-string output through the real server, engine and model.
 
-Random weights rarely write valid Harmony, so the server runs with a scripted token source
-(hidden flag ``--scripted-tokens``): the engine still schedules, the model still runs, only
-the sampler's choice is replaced. Everything downstream (parser, mapping, SSE, SDK) is real.
+Random weights rarely write valid Harmony, so the server runs with scripted sampling
+(``tests/scripted_server.py``): the engine still schedules, the model still runs, only the
+sampler's choice is replaced. Everything downstream (parser, mapping, SSE, SDK) is real.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from server.testing import ServerProcess
+from server_process import ServerProcess
 
 API_KEY = "test-key-123"
 MODEL = "gpt-oss-test"
@@ -82,7 +81,6 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
     script.write_text(json.dumps(SCRIPT))
     args = [
         "--model", str(tiny_checkpoint_dir),
-        "--scripted-tokens", str(script),
         "--api-key", API_KEY,
         "--served-model-name", MODEL,
         "--max-num-seqs", "2",
@@ -90,7 +88,7 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
         "--kv-cache-memory", "64MiB",
         "--max-model-len", "2048",
     ]  # fmt: skip
-    with ServerProcess(args, api_key=API_KEY) as srv:
+    with ServerProcess(args, api_key=API_KEY, script=script) as srv:
         yield srv
 
 
@@ -158,6 +156,7 @@ def test_tool_call_streaming_sdk(client):
     reasoning, content, finish, usage = "", "", None, None
     calls: dict[int, dict] = {}
     first_delta_role = None
+    content_deltas: list[str] = []
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
@@ -168,6 +167,8 @@ def test_tool_call_streaming_sdk(client):
             first_delta_role = c.delta.role
         reasoning += getattr(c.delta, "reasoning", None) or ""
         content += c.delta.content or ""
+        if c.delta.content is not None:
+            content_deltas.append(c.delta.content)
         for tc in c.delta.tool_calls or []:
             entry = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
             if tc.id:
@@ -176,6 +177,7 @@ def test_tool_call_streaming_sdk(client):
             entry["arguments"] += tc.function.arguments or ""
         finish = c.finish_reason or finish
     assert first_delta_role == "assistant"
+    assert "" not in content_deltas, "no empty content delta in a tool-call stream"
     assert reasoning == "User wants the weather. Call the tool."
     assert content == ""
     assert finish == "tool_calls"
@@ -213,7 +215,8 @@ def test_stream_equals_non_stream_raw_sse(server):
     assert {c["id"] for c in chunks} == {chunks[0]["id"]}
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert deltas[0] == {"role": "assistant", "content": ""}
+    assert deltas[0] == {"role": "assistant"}  # no `content` key where there is no content
+    assert all(d.get("content", None) != "" for d in deltas)
     calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
     assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_weather"
     assert all("id" not in tc and tc["index"] == 0 for tc in calls[1:])
@@ -344,3 +347,17 @@ def test_no_prompt_or_completion_text_in_logs(server, client):
     assert "POST /v1/chat/completions 200" in log
     for text in ("secret-prompt-words", "User wants the weather", "Paris", API_KEY):
         assert text not in log
+
+
+def test_sdk_stream_helper_sees_no_empty_content_in_a_tool_call(client):
+    """The SDK's stream helper reports every `content` key as a content delta: a tool-call turn
+    must send none (the role chunk carries no `content: ""`)."""
+    with client.chat.completions.stream(
+        model=MODEL, messages=user("SCRIPT:weather"), tools=[WEATHER_TOOL]
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_completion()
+    assert "content.delta" not in kinds
+    assert "tool_calls.function.arguments.done" in kinds
+    (call,) = final.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}

@@ -1,5 +1,5 @@
-"""Fast checks of the server's pure parts: stop strings, and the Harmony output
-mapping checked against openai-harmony's own parser (the official implementation)."""
+"""Fast checks of the server's pure parts: stop strings, and the Harmony assembler's events
+checked against openai-harmony's own parser (the official implementation)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import openai_harmony as oh
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.types import RequestOutput
 from harmony.tokenizer import load_tokenizer
 from server.errors import validation_message
-from server.harmony_output import HarmonyOutputMapper, OutputDelta
+from server import events as ev
+from server.harmony_output import HarmonyAssembler
 from server.stop_strings import StopStringFilter
 
 # -- stop strings ----------------------------------------------------------------------------------
@@ -83,30 +85,71 @@ def _oracle(text: str) -> dict:
     return {"reasoning": "\n".join(reasoning), "content": "\n".join(content), "calls": calls}
 
 
+def assemble(ids: list[int], chunk: int = 1, stops: list[str] | None = None, finish: str = "length"):
+    """Feed ``ids`` to a HarmonyAssembler as engine outputs of ``chunk`` tokens, the last one
+    finished with ``finish``; returns the assembler and every event."""
+    assembler = HarmonyAssembler(0, load_tokenizer(), stops or [])
+    events = []
+    for start in range(0, len(ids), chunk):  # engine outputs may carry several tokens
+        last = start + chunk >= len(ids)
+        out = RequestOutput(
+            request_id="r",
+            token_ids=ids[start : start + chunk],
+            finish_reason=finish if last else None,
+            stop_token_id=ids[-1] if last and finish == "stop" else None,
+        )
+        events += assembler.feed(out)
+        if assembler.stopped:
+            break
+    return assembler, events
+
+
+def fields(events) -> dict:
+    reasoning = "".join(e.text for e in events if isinstance(e, ev.ReasoningText))
+    content = "".join(e.text for e in events if isinstance(e, ev.ContentText))
+    names = {e.call: e.name for e in events if isinstance(e, ev.ToolCallBegun)}
+    arguments: dict[int, str] = {}
+    for e in events:
+        if isinstance(e, ev.ToolCallArguments):
+            arguments[e.call] = arguments.get(e.call, "") + e.text
+    calls = [(names[i], arguments.get(i, "")) for i in sorted(names)]
+    return {"reasoning": reasoning, "content": content, "calls": calls}
+
+
 @pytest.mark.parametrize("text", COMPLETIONS)
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_mapping_matches_openai_harmony(text, chunk):
+def test_assembly_matches_openai_harmony(text, chunk):
+    ids = load_tokenizer().encode_with_specials(text)
+    finish = "stop" if text.endswith(("<|call|>", "<|return|>")) else "length"
+    assembler, events = assemble(ids, chunk, finish=finish)
+    assert fields(events) == _oracle(text)
+    # Each call announced once with a fresh id, then its arguments, then its end with the whole text.
+    begun = [e for e in events if isinstance(e, ev.ToolCallBegun)]
+    ended = [e for e in events if isinstance(e, ev.ToolCallEnded)]
+    assert [e.call for e in begun] == [e.call for e in ended] == list(range(len(begun)))
+    assert [e.arguments for e in ended] == [a for _, a in _oracle(text)["calls"]]
+    assert all(e.id.startswith("call_") for e in begun) and len({e.id for e in begun}) == len(begun)
+    # Exactly one Finished, last; tool_calls when the turn ended in a call.
+    assert [type(e) for e in events].count(ev.Finished) == 1 and isinstance(events[-1], ev.Finished)
+    assert events[-1].reason == ("tool_calls" if text.endswith("<|call|>") else "stop")
+    # Message numbers only grow, and a call's text is between its begin and end.
+    numbers = [e.message for e in events if hasattr(e, "message")]
+    assert numbers == sorted(numbers)
+
+
+def test_finish_reasons_and_stop_strings():
     tokenizer = load_tokenizer()
-    ids = tokenizer.encode_with_specials(text)
-    mapper = HarmonyOutputMapper(tokenizer)
-    total = OutputDelta()
-    deltas = []
-    for start in range(0, len(ids), chunk):  # engine outputs may carry several tokens
-        step = OutputDelta()
-        for token_id in ids[start : start + chunk]:
-            step.extend(mapper.feed(token_id))
-        deltas.append(step)
-        total.extend(step)
-    total.extend(mapper.finish())
-    expected = _oracle(text)
-    assert total.reasoning == expected["reasoning"]
-    assert total.content == expected["content"]
-    assert [(c.name, c.arguments) for c in mapper.tool_calls] == expected["calls"]
-    # Streaming deltas: each call announced once (with its id), arguments concatenated.
-    announced = [tc for d in deltas for tc in d.tool_calls if tc.id is not None]
-    assert [(tc.index, tc.name) for tc in announced] == [(i, n) for i, (n, _) in enumerate(expected["calls"])]
-    assert all(tc.id.startswith("call_") for tc in announced)
-    assert mapper.ended_in_call == text.endswith("<|call|>")
+    ids = tokenizer.encode_with_specials("<|channel|>final<|message|>Hello world. STOP never<|return|>")
+    _, events = assemble(ids, 2, stops=["STOP"], finish="stop")
+    assert fields(events)["content"] == "Hello world. "
+    assert events[-1] == ev.Finished(0, "stop", "STOP")
+    _, events = assemble(ids[:6], finish="length")
+    assert events[-1].reason == "length"
+    call = tokenizer.encode_with_specials(
+        '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>'
+    )
+    assert assemble(call, finish="length")[1][-1].reason == "length"  # cut off: not a call
+    assert assemble(call, finish="stop")[1][-1].reason == "tool_calls"
 
 
 def test_turns_the_model_writes_for_other_authors_are_dropped():
@@ -114,39 +157,32 @@ def test_turns_the_model_writes_for_other_authors_are_dropped():
     tool result) after the answer never reaches content, reasoning or tool calls."""
     tokenizer = load_tokenizer()
     for other in ("user", "system", "developer", "functions.lookup to=assistant<|channel|>commentary"):
-        mapper = HarmonyOutputMapper(tokenizer)
         text = (
             "<|channel|>final<|message|>Answer.<|end|>"
             f"<|start|>{other}<|message|>injected text<|end|>"
             "<|start|>assistant<|channel|>analysis<|message|>more thought<|end|>"
         )
-        total = OutputDelta()
-        for t in tokenizer.encode_with_specials(text):
-            total.extend(mapper.feed(t))
-        total.extend(mapper.finish())
-        assert total.content == "Answer."
-        assert total.reasoning == "more thought"
-        assert "injected" not in total.content + total.reasoning and not mapper.tool_calls
-        assert any("dropped" in p for p in mapper.problems)
+        assembler, events = assemble(tokenizer.encode_with_specials(text))
+        got = fields(events)
+        assert got["content"] == "Answer."
+        assert got["reasoning"] == "more thought"
+        assert "injected" not in got["content"] + got["reasoning"] and not got["calls"]
+        assert any("dropped" in p for p in assembler.problems)
 
 
 def test_reasoning_token_count_and_garbage():
     tokenizer = load_tokenizer()
-    mapper = HarmonyOutputMapper(tokenizer)
-    ids = tokenizer.encode_with_specials("<|channel|>analysis<|message|>a b c<|end|>")
-    for t in ids:
-        mapper.feed(t)
-    assert mapper.reasoning_tokens == len(tokenizer.encode("a b c")) + 1  # content + <|end|>
+    assembler, _ = assemble(tokenizer.encode_with_specials("<|channel|>analysis<|message|>a b c<|end|>"))
+    assert assembler.reasoning_tokens == len(tokenizer.encode("a b c")) + 1  # content + <|end|>
     # Random tokens (what random weights write) never raise and never leak control-token text.
     rng = random.Random(0)
-    mapper = HarmonyOutputMapper(tokenizer)
-    total = OutputDelta()
-    for _ in range(3000):
-        total.extend(mapper.feed(rng.choice([rng.randrange(200_000), rng.randrange(199_998, 201_088)])))
-    total.extend(mapper.finish())
-    for text in [total.reasoning, total.content] + [c.arguments for c in mapper.tool_calls]:
+    ids = [rng.choice([rng.randrange(200_000), rng.randrange(199_998, 201_088)]) for _ in range(3000)]
+    _, events = assemble(ids, 7)
+    got = fields(events)
+    for text in [got["reasoning"], got["content"]] + [a for _, a in got["calls"]]:
         for special in ("<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"):
             assert special not in text
+    assert isinstance(events[-1], ev.Finished)
 
 
 def test_validation_message_paths():

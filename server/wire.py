@@ -1,4 +1,6 @@
-"""Response bodies, declared so the OpenAPI schema tells the truth (schemathesis checks it)."""
+"""Response bodies and stream chunks, declared so the OpenAPI schema tells the truth (schemathesis
+checks it). Chunks are dumped with ``exclude_unset``: a field given as None is sent as null, a
+field never set is not sent (a delta carries only what it has)."""
 
 from __future__ import annotations
 
@@ -114,6 +116,71 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None  # the first delta of a call only
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
+
+
+class _Chunk(BaseModel):
+    """A stream chunk: its ``object`` is always sent, though it is a default."""
+
+    def model_post_init(self, context: Any, /) -> None:
+        self.model_fields_set.add("object")
+
+
+class ChatCompletionChunk(_Chunk):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(
+        default=None, description="With `stream_options.include_usage`: null, then set on the last chunk."
+    )
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionChunk(_Chunk):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
+STREAM_CHUNKS: tuple[type[BaseModel], ...] = (ChatCompletionChunk, CompletionChunk)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -163,8 +230,11 @@ def documented_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": descriptions[s]} for s in statuses}
 
 
-# The documented responses of a generation endpoint: JSON, or SSE with `stream: true`.
-GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": SSE_DESCRIPTION, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-    **documented_errors(400, 401, 404, 413, 429, 500, 503),
-}
+def generation_responses(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The documented responses of a generation endpoint: JSON, or SSE frames of ``chunk``
+    (named in ``x-sse-data``; its schema is among the components)."""
+    sse = {"schema": {"type": "string"}, "x-sse-data": {"$ref": f"#/components/schemas/{chunk.__name__}"}}
+    return {
+        200: {"description": SSE_DESCRIPTION, "content": {"text/event-stream": sse}},
+        **documented_errors(400, 401, 404, 413, 429, 500, 503),
+    }

@@ -1,8 +1,10 @@
-"""A scripted ``TokenSource`` for API tests (hidden flag ``--scripted-tokens FILE``).
+"""Scripted sampling for API tests: the real model, engine and server run; only the sampler's
+choice of token is replaced (its logprobs stay the model's).
 
-Random weights rarely write valid Harmony, so exact reasoning/tool-call tests replace the
-sampler's choice with a script while the real model, engine and server all still run. The
-file is JSON::
+Random weights rarely write valid Harmony, so exact reasoning/tool-call tests script what the
+model "writes". ``install_script(llm_engine, source)`` swaps the engine's sampler; a server
+subprocess gets it through ``tests/scripted_server.py --script FILE`` (see
+``tests/server_process.ServerProcess(script=...)``). The file is JSON::
 
     {"rules": [{"match": "SCRIPT:weather", "output": "<|channel|>analysis<|message|>..."}],
      "default": "<|channel|>final<|message|>Hello<|return|>",
@@ -19,11 +21,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from engine.llm_engine import LLMEngine
+from engine.sampler import Sampler, SamplerOutput
+from engine.sequence import Sequence as EngineSequence
 from harmony.tokenizer import HarmonyTokenizer
+
+TokenSource = Callable[[Sequence[int], Sequence[int]], int]  # (prompt ids, output ids) -> next id
 
 _USER_HEADER = "<|start|>user"
 _CACHE_LIMIT = 4096
@@ -90,3 +99,23 @@ class ScriptedTokenSource:
         if rule.delay_seconds:
             time.sleep(rule.delay_seconds)
         return token
+
+
+class ScriptedSampler:
+    """Takes each row's token from ``source``; logprobs are the real sampler's for that token."""
+
+    def __init__(self, sampler: Sampler, source: TokenSource) -> None:
+        self.sampler = sampler
+        self.source = source
+
+    def __call__(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> SamplerOutput:
+        if not seqs:
+            return SamplerOutput([], [])
+        chosen = [int(self.source(s.prompt_ids, s.output_ids)) for s in seqs]
+        tokens = torch.tensor(chosen, dtype=torch.long, device=logits.device)
+        return SamplerOutput(chosen, self.sampler.logprobs_of(logits, seqs, tokens))
+
+
+def install_script(engine: LLMEngine, source: TokenSource) -> LLMEngine:
+    engine.sampler = ScriptedSampler(engine.sampler, source)  # type: ignore[assignment]
+    return engine

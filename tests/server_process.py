@@ -3,7 +3,8 @@
     with ServerProcess(["--model", str(ckpt)]) as srv:
         httpx.get(srv.url + "/v1/models")
 
-It starts ``python -m server`` with the given flags, waits for ``/ready`` and on exit sends
+It starts ``python -m server`` with the given flags (or, with ``script=``, the same server with
+scripted sampling: ``tests/scripted_server.py``), waits for ``/ready`` and on exit sends
 SIGTERM (then SIGKILL if it will not go), keeping the log for failure messages.
 """
 
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import httpx
 
+SCRIPTED_SERVER = Path(__file__).resolve().parent / "scripted_server.py"
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,10 +40,12 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         ready_timeout: float = 120.0,
         api_key: str | None = None,
+        script: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port), *args]
+        entry = ["-m", "server"] if script is None else [str(SCRIPTED_SERVER), "--script", str(script)]
+        self.args = [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
         root = str(Path(__file__).resolve().parent.parent)
         self.env["PYTHONPATH"] = root + os.pathsep + self.env.get("PYTHONPATH", "")
