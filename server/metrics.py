@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from engine.types import EngineStats
+from engine.types import EngineStats, RequestMetrics
 
 # Buckets in seconds. Time to first token spans a cached short prompt on a GPU (~10 ms) to a
 # long prefill behind a queue on CPU (minutes); inter-token latency is 5-100 ms on a GPU and
@@ -135,6 +135,17 @@ class ServerMetrics:
 
     def observe_queue_time(self, seconds: float) -> None:
         self.request_queue_time.observe(max(0.0, seconds))
+
+    def observe_finished(self, m: RequestMetrics) -> None:
+        """The latencies of one finished engine request."""
+        if m.queue_time is not None:
+            self.observe_queue_time(m.queue_time)
+        if m.time_to_first_token is not None:
+            self.observe_ttft(m.time_to_first_token)
+        if m.finished_time is not None:
+            self.observe_e2e(m.finished_time - m.arrival_time)
+        for earlier, later in zip(m.token_times, m.token_times[1:], strict=False):
+            self.observe_inter_token(later - earlier)
 
     def add_tokens(self, prompt: int, generated: int, reasoning: int) -> None:
         """Add one request's token counts (call once per request, or per increment)."""

@@ -213,7 +213,8 @@ class Generation:
             self._finish_early(index)
         elif item.finished:
             self._done.add(index)
-            self._record_engine_metrics(item)
+            if item.metrics is not None:
+                self._metrics.observe_finished(item.metrics)
         assert index not in self._done or isinstance(events[-1], Finished)
         return events
 
@@ -281,19 +282,6 @@ class Generation:
                 logger.debug("%s choice %d: %d Harmony parse problem(s)", self.request_id, i, len(problems))
             if self._log_text:
                 text_logger.info("%s choice %d: %s", self.request_id, i, assembler.summary())
-
-    def _record_engine_metrics(self, out: RequestOutput) -> None:
-        m = out.metrics
-        if m is None:
-            return
-        if m.queue_time is not None:
-            self._metrics.observe_queue_time(m.queue_time)
-        if m.time_to_first_token is not None:
-            self._metrics.observe_ttft(m.time_to_first_token)
-        if m.finished_time is not None:
-            self._metrics.observe_e2e(m.finished_time - m.arrival_time)
-        for earlier, later in zip(m.token_times, m.token_times[1:], strict=False):
-            self._metrics.observe_inter_token(later - earlier)
 
 
 def open_generation(

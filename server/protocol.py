@@ -77,29 +77,34 @@ class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
-class SamplingFields(_Lenient):
-    """Fields shared by chat and text completions."""
+class SamplerFields(_Lenient):
+    """The sampler's knobs, shared by every generation API."""
 
-    model: str | None = Field(default=None, description="A name from /v1/models; omitted = the served model.")
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = Field(
-        default=None, description="Strings that end the answer (applied to the final channel in chat)."
-    )
-    n: Annotated[int, Field(ge=1, le=16)] = 1
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    ignore_eos: bool = False
+
+
+class SamplingFields(SamplerFields):
+    """Fields shared by chat and text completions."""
+
+    model: str | None = Field(default=None, description="A name from /v1/models; omitted = the served model.")
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = Field(
+        default=None, description="Strings that end the answer (applied to the final channel in chat)."
+    )
+    n: Annotated[int, Field(ge=1, le=16)] = 1
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    min_tokens: Annotated[int, Field(ge=0)] | None = None
-    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from engine.types import SamplingParams
 from harmony.tokens import VOCAB_SIZE
 from server.errors import APIError
-from server.protocol import SamplingFields
+from server.protocol import SamplerFields
 
 _SEED_MOD = 2**63
 
@@ -80,7 +80,7 @@ def max_tokens_for(limit: OutputLimit, *, prompt_len: int, prompt_param: str, ma
 
 
 def sampling_params(
-    fields: SamplingFields,
+    fields: SamplerFields,
     *,
     limit: OutputLimit,
     prompt_len: int,
