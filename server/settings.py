@@ -8,6 +8,7 @@ table (``settings_table_markdown``) and the engine's config (``engine_config``).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import re
 import typing
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlsplit
 
 from harmony.conversation import REASONING_EFFORTS
 
@@ -64,6 +66,64 @@ def format_bytes(n: int) -> str:
         if n % factor == 0:
             return f"{n // factor}{suffix}"
     return str(n)
+
+
+class SettingValueError(argparse.ArgumentTypeError, ValueError):
+    """A value a setting's type rejects; argparse and ``parse_settings`` report its message."""
+
+
+class ResponseStoreSpec(str):
+    """``memory`` or a ``redis://HOST:PORT/DB`` / ``rediss://...`` URL, checked when parsed."""
+
+    def __new__(cls, text: str) -> ResponseStoreSpec:
+        text = text.strip()
+        if text != "memory":
+            _check_redis_url(text)
+        return super().__new__(cls, text)
+
+    def __repr__(self) -> str:
+        return repr(_redacted(str(self)))
+
+
+def _check_redis_url(text: str) -> None:
+    hint = "use `memory` or a URL like redis://HOST:6379/0 (rediss:// for TLS)"
+    url = urlsplit(text)
+    if url.scheme not in ("redis", "rediss"):
+        raise SettingValueError(f"not a response store: {text!r}; {hint}")
+    try:
+        url.port  # noqa: B018 - raises on a non-numeric port
+    except ValueError:
+        raise SettingValueError(f"bad port in the response store URL {_redacted(text)!r}; {hint}") from None
+    if not url.hostname:
+        raise SettingValueError(f"no host in the response store URL {_redacted(text)!r}; {hint}")
+    db = url.path.strip("/")
+    if db and not db.isdigit():
+        raise SettingValueError(
+            f"the response store URL's database must be a number, not {db!r}: {_redacted(text)!r}; {hint}"
+        )
+
+
+def _redacted(url: str) -> str:
+    """The URL with its password (if any) replaced: error messages never show it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+class SecretText(str):
+    """A secret setting's text: usable as a str, but its repr (and so ``ServerSettings``'s)
+    never shows it."""
+
+    def __new__(cls, text: str) -> SecretText:
+        if not text:
+            raise SettingValueError("empty secret: set a non-empty value, or leave it unset")
+        return super().__new__(cls, text)
+
+    def __repr__(self) -> str:
+        return "'***'"
 
 
 # unit -> argparse metavar. "bytes" also means the value is read by parse_bytes (2GiB, 512MB,
@@ -171,6 +231,30 @@ class ServerSettings:
     )
     default_reasoning_effort: str = setting(
         "medium", "effort when a request sets none", choices=REASONING_EFFORTS
+    )
+    response_store: ResponseStoreSpec = setting(  # noqa: RUF009
+        "memory",
+        "where `/v1/responses` keeps stored responses: `memory` (this process only) or "
+        "`redis://HOST:PORT/DB` (`rediss://` for TLS), shared by every replica pointing at it; "
+        "more than one replica needs Redis",
+    )
+    response_store_max_bytes: int = setting(
+        2**30,
+        "cap on the stored responses' total size (keys + records); the least recently used go first",
+        unit="bytes",
+    )
+    response_store_ttl: float = setting(
+        86400.0,
+        "a stored response is forgotten this long after it was stored (one day)",
+        unit="seconds",
+        minimum=1,
+    )
+    reasoning_encryption_key: SecretText | None = setting(  # noqa: RUF009
+        None,
+        "secret that seals `reasoning.encrypted_content` (`store: false` clients); unset = a random key "
+        "per process, so replicas behind one load balancer must share it (set it as the secret env var "
+        "`GPTOSS_REASONING_ENCRYPTION_KEY`)",
+        shown="random per process",
     )
 
     def model_names(self) -> list[str]:

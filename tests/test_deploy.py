@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 try:
     import tomllib
@@ -33,6 +34,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from server.cli import build_arg_parser, parse_settings
+from server.settings import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -373,7 +375,7 @@ def test_compose_server_service_runs_the_gpu_image_with_model_key_health_and_dra
     (env_file,) = svc["env_file"]
     assert env_file == {"path": "deploy/gptoss.env", "required": True}
     example = env_file_vars(ROOT / "deploy" / "gptoss.env.example")
-    assert set(example) == {"GPTOSS_API_KEY"}
+    assert set(example) == {"GPTOSS_API_KEY", "GPTOSS_REASONING_ENCRYPTION_KEY"}  # the secrets
     assert "gptoss.env" in (ROOT / "deploy" / ".gitignore").read_text().split()
     healthcheck = svc["healthcheck"]
     assert healthcheck["test"] == [
@@ -384,6 +386,22 @@ def test_compose_server_service_runs_the_gpu_image_with_model_key_health_and_dra
     assert svc["restart"] == "unless-stopped" and svc["init"] is True
     drain = float(svc["environment"]["GPTOSS_DRAIN_TIMEOUT"])
     assert drain + 5 <= seconds(svc["stop_grace_period"]) <= drain + 30
+
+
+def test_compose_server_uses_the_redis_service_as_its_response_store() -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    assert "profiles" not in redis and "ports" not in redis  # always on, never on the host
+    assert redis["image"].startswith("redis:") and redis["command"][0] == "redis-server"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    server = server_service()
+    assert server["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    url = urlsplit(server["environment"]["GPTOSS_RESPONSE_STORE"])
+    assert (url.scheme, url.hostname, url.port or 6379) == ("redis", "redis", 6379)
+    store_cap = parse_settings([], environ=deploy_env_sets()["compose"]).response_store_max_bytes
+    args = redis["command"]
+    assert parse_bytes(args[args.index("--maxmemory") + 1].replace("mb", "MiB")) > store_cap
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"  # values only, never the index
 
 
 def test_compose_monitoring_profile_mounts_files_that_exist() -> None:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sysconfig
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import kubernetes_validate.utils
@@ -21,6 +22,7 @@ import yaml
 
 from engine.types import EngineStats
 from server.metrics import ServerMetrics
+from server.settings import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -41,13 +43,23 @@ def kustomization() -> dict:
     return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
 
-def manifests() -> dict[str, dict]:
-    """{kind: object} of every resource the kustomization lists (one object per file)."""
+def all_manifests() -> dict[str, dict]:
+    """{file name: object} of every resource the kustomization lists (one object per file)."""
     out = {}
     for name in kustomization()["resources"]:
         (obj,) = list(yaml.safe_load_all((K8S / name).read_text()))
-        out[obj["kind"]] = obj
+        out[name] = obj
     return out
+
+
+def manifests() -> dict[str, dict]:
+    """{kind: object} of the server's resources (the ``redis-*`` files are the response store's)."""
+    return {obj["kind"]: obj for name, obj in all_manifests().items() if not name.startswith("redis-")}
+
+
+def redis_manifests() -> dict[str, dict]:
+    """{kind: object} of the response store's resources."""
+    return {obj["kind"]: obj for name, obj in all_manifests().items() if name.startswith("redis-")}
 
 
 def pod_spec() -> dict:
@@ -85,11 +97,11 @@ def test_kustomization_lists_every_manifest_and_only_files_that_exist() -> None:
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_every_manifest_validates_strictly_against_the_kubernetes_schemas(version: str) -> None:
-    for kind, obj in manifests().items():
+    for name, obj in all_manifests().items():
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:  # pragma: no cover - the failure message
-            pytest.fail(f"{kind} is invalid for Kubernetes {version}: {exc}")
+            pytest.fail(f"{name} ({obj['kind']}) is invalid for Kubernetes {version}: {exc}")
 
 
 def test_the_validator_rejects_a_broken_deployment() -> None:
@@ -109,7 +121,7 @@ def test_kustomize_renders_valid_objects_in_the_namespace() -> None:
         [tool("kubectl"), "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     objects = [o for o in yaml.safe_load_all(rendered) if o]
-    assert sorted(o["kind"] for o in objects) == sorted(manifests())
+    assert sorted(o["kind"] for o in objects) == sorted(o["kind"] for o in all_manifests().values())
     namespace = kustomization()["namespace"]
     for obj in objects:
         kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
@@ -161,6 +173,43 @@ def test_probes_gpu_secret_and_security_context() -> None:
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     cache = re.search(r"XDG_CACHE_HOME=(\S+)", dockerfile).group(1)
     assert cache in {m["mountPath"] for m in c["volumeMounts"]}
+
+
+def test_the_server_pods_share_the_redis_response_store_and_a_reasoning_key() -> None:
+    """More than one server pod (HPA, a rollout's surge pod) needs shared conversation state."""
+    redis = redis_manifests()
+    assert {"StatefulSet", "Service", "NetworkPolicy"} <= redis.keys()
+    statefulset, service = redis["StatefulSet"], redis["Service"]
+    pod = statefulset["spec"]["template"]
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    (redis_container,) = pod["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in redis_container["ports"]}
+    (service_port,) = service["spec"]["ports"]
+    assert ports[service_port["targetPort"]] == 6379
+    url = urlsplit(env_value("GPTOSS_RESPONSE_STORE"))
+    assert (url.scheme, url.hostname, url.port) == (
+        "redis",
+        service["metadata"]["name"],
+        service_port["port"],
+    )
+    args = redis_container["args"]
+    assert args[0] == "redis-server" and args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    redis_max = parse_bytes(args[args.index("--maxmemory") + 1].replace("mb", "MiB"))
+    assert parse_bytes(env_value("GPTOSS_RESPONSE_STORE_MAX_BYTES")) < redis_max
+    assert parse_bytes(redis_container["resources"]["limits"]["memory"].replace("Gi", "GiB")) > redis_max
+    # Only the server pods may connect.
+    policy = redis["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == pod["metadata"]["labels"]
+    ((rule,),) = [r["from"] for r in policy["ingress"]]
+    server_labels = manifests()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert rule["podSelector"]["matchLabels"].items() <= server_labels.items()
+    # One sealing key for every pod, from a Secret the README says how to create.
+    (key,) = [v for v in container()["env"] if v["name"] == "GPTOSS_REASONING_ENCRYPTION_KEY"]
+    ref = key["valueFrom"]["secretKeyRef"]
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert f"kubectl -n gptoss create secret generic {ref['name']} --from-literal={ref['key']}=" in readme
 
 
 def test_termination_grace_covers_prestop_and_the_drain_timeout() -> None:

@@ -286,6 +286,7 @@ def test_every_env_var_is_read():
         "bool": ("true", True),
         "list": ("u,v", ["u", "v"]),
         "Path": ("/p", Path("/p")),
+        "ResponseStoreSpec": ("redis://h:6379/0", "redis://h:6379/0"),  # validated: memory or a URL
     }
     for s in DECLARED:
         if s.choices is not None:
