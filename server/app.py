@@ -23,6 +23,9 @@ from server.chat import router as chat_router
 from server.completions import router as completions_router
 from server.errors import install_error_handlers
 from server.middleware import RequestContextMiddleware
+from server.reasoning_seal import ReasoningSealer
+from server.response_store import open_response_store
+from server.responses import router as responses_router
 from server.routes import router as misc_router
 from server.settings import ServerSettings, engine_config
 from server.state import ServerState
@@ -138,16 +141,27 @@ def create_app(
 ) -> FastAPI:
     """The app. ``engine``: one to serve as is (in-process tests); otherwise ``engine_factory``
     builds it in the background (tests inject scripted sampling there)."""
-    state = ServerState(settings=settings, engine=None, owns_engine=engine is None)
+    state = ServerState(
+        settings=settings,
+        engine=None,
+        owns_engine=engine is None,
+        sealer=ReasoningSealer(settings.reasoning_encryption_key),
+    )
     pending_engine = engine
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.response_store = open_response_store(
+            settings.response_store,
+            max_bytes=settings.response_store_max_bytes,
+            ttl_seconds=settings.response_store_ttl,
+        )
         load_task = asyncio.create_task(_load(state, pending_engine, engine_factory))
         app.state.load_task = load_task
         try:
             yield
         finally:
+            await state.response_store.close()
             load_task.cancel()
             with contextlib.suppress(BaseException):
                 await load_task
@@ -165,7 +179,7 @@ def create_app(
     app.state.server = state
     app.openapi = lambda: _honest_openapi(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    routers = (chat_router, completions_router, misc_router)
+    routers = (chat_router, completions_router, responses_router, misc_router)
     for router in routers:
         app.include_router(router)
     routes = [route for router in routers for route in router.routes]

@@ -203,7 +203,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         HarmonyAssembler(i, tokenizer, stops, include_reasoning=body.include_reasoning) for i in range(body.n)
     ]
     generation = open_generation(
-        state, request_id, requests, assemblers, kind="chatcmpl", prompt_param="messages"
+        state, request_id, requests, assemblers, kind="chatcmpl-", prompt_param="messages"
     )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunks = ChatChunks(

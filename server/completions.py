@@ -195,7 +195,7 @@ async def completions(body: CompletionRequest, request: Request):
         TextAssembler(i, tokenizer, stops, skip_special=body.skip_special_tokens)
         for i in range(len(requests))
     ]
-    generation = open_generation(state, request_id, requests, assemblers, kind="cmpl", prompt_param="prompt")
+    generation = open_generation(state, request_id, requests, assemblers, kind="cmpl-", prompt_param="prompt")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     want_logprobs = body.logprobs is not None
     chunks = CompletionChunks(

@@ -119,6 +119,14 @@ class ServerMetrics:
         self.engine_alive = Gauge(
             "gptoss_engine_alive", "1 while the engine loop is alive, 0 once it died.", registry=r
         )
+        self.response_store_entries = Gauge(
+            "gptoss_response_store_entries", "Responses kept in the response store.", registry=r
+        )
+        self.response_store_bytes = Gauge(
+            "gptoss_response_store_bytes",
+            "Bytes of the responses kept in the response store (bounded by --response-store-max-bytes).",
+            registry=r,
+        )
 
     def observe_request(self, endpoint: str, status: int) -> None:
         """Count one finished HTTP request; ``endpoint`` should be the route template, not the raw path."""
@@ -167,6 +175,10 @@ class ServerMetrics:
         self.prefix_cache_hit_ratio.set(stats.prefix_cache_hit_tokens / queried if queried else 0.0)
         self._engine_counters.snapshot = stats
         self.engine_alive.set(1 if stats.alive else 0)
+
+    def update_store(self, entries: int, nbytes: int) -> None:
+        self.response_store_entries.set(entries)
+        self.response_store_bytes.set(nbytes)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text of this registry and its content type, for ``GET /metrics``."""

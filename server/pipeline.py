@@ -116,7 +116,7 @@ class Generation:
         log_text: bool,
     ) -> None:
         # Unique even when clients reuse an x-request-id, since it names the engine requests too.
-        self.response_id = f"{kind}-{uuid.uuid4().hex}"
+        self.response_id = f"{kind}{uuid.uuid4().hex}"
         self.request_id = request_id
         self._engine = engine
         self._drain = drain

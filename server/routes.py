@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from server.chat_request import render_chat
 from server.errors import APIError
 from server.protocol import DetokenizeRequest, TokenizeChatRequest, TokenizePromptRequest
+from server.response_store import ResponseStoreUnavailable
 from server.state import ServerState, get_state
 from server.wire import (
     DetokenizeResponse,
@@ -119,6 +121,10 @@ async def metrics(request: Request) -> Response:
     state = get_state(request)
     if state.engine is not None:
         state.metrics.update_engine(state.engine.stats())
+    if state.response_store is not None:
+        with contextlib.suppress(ResponseStoreUnavailable):  # a scrape never fails on the store
+            stats = await state.response_store.stats()
+            state.metrics.update_store(stats.entries, stats.bytes)
     body, content_type = state.metrics.render()
     return Response(content=body, media_type=content_type)
 

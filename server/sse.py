@@ -54,5 +54,5 @@ async def data_stream(
     yield DONE
 
 
-def sse_response(frames: AsyncIterator[bytes]) -> EventSourceResponse:
-    return EventSourceResponse(frames, headers=SSE_HEADERS)
+def sse_response(frames: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> EventSourceResponse:
+    return EventSourceResponse(frames, headers={**SSE_HEADERS, **(headers or {})})

@@ -14,6 +14,8 @@ from harmony.tokenizer import HarmonyTokenizer
 from server.errors import APIError
 from server.lifecycle import DrainController
 from server.metrics import ServerMetrics
+from server.reasoning_seal import ReasoningSealer
+from server.response_store import ResponseStore
 from server.settings import ServerSettings
 
 NOT_READY_RETRY_AFTER = 5  # seconds
@@ -30,6 +32,8 @@ class ServerState:
     load_error: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
     on_fatal: Callable[[], None] | None = None  # set by the runner: stop the process (exit 1)
+    response_store: ResponseStore | None = None  # opened by the lifespan
+    sealer: ReasoningSealer = field(default_factory=lambda: ReasoningSealer(None))
 
     @property
     def model_names(self) -> list[str]:
@@ -57,6 +61,13 @@ class ServerState:
                 503, "The tokenizer is still loading.", code="not_ready", retry_after=NOT_READY_RETRY_AFTER
             )
         return self.tokenizer
+
+    def require_response_store(self) -> ResponseStore:
+        if self.response_store is None:
+            raise APIError(
+                503, "The response store is not open.", code="not_ready", retry_after=NOT_READY_RETRY_AFTER
+            )
+        return self.response_store
 
     def resolve_model(self, requested: str | None) -> str:
         names = self.model_names

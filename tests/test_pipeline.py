@@ -322,3 +322,43 @@ def test_any_nesting_is_answered_and_beyond_the_limit_is_a_400(route, where):
         else:
             assert answer.status in (200, 400), depth
             assert answer.json().get("error", {}).get("code") != "json_too_deep"
+
+
+# -- the Responses adapter on the same pipeline ------------------------------------------------------
+
+
+def response_events(answer) -> list[dict]:
+    frames = [f for f in answer.body.decode().split("\n\n") if f]
+    return [json.loads(f.split("\n")[1].removeprefix("data: ")) for f in frames]
+
+
+@pytest.mark.parametrize(("kind", "status", "code"), FAILURES)
+def test_a_responses_failure_mid_stream_is_response_failed(kind, status, code):
+    reply = Reply(ANSWER, fail_after=4, failure=EngineFailure(kind, "boom"))
+    answer = run(FakeEngine(reply=lambda p, s: reply), {"input": "hi", "stream": True}, "/v1/responses")
+    events = response_events(answer)
+    assert answer.status == 200 and [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events].count("response.failed") == 1 and events[-1][
+        "type"
+    ] == "response.failed"
+    assert events[-1]["response"]["status"] == "failed" and events[-1]["response"]["error"]["code"]
+    opened = [e["item"]["id"] for e in events if e["type"] == "response.output_item.added"]
+    closed = [e["item"]["id"] for e in events if e["type"] == "response.output_item.done"]
+    assert opened == closed  # no item is left open
+    answer = run(FakeEngine(reply=lambda p, s: reply), {"input": "hi"}, "/v1/responses")
+    assert answer.status == status and answer.json()["error"]["code"] == code
+
+
+def test_a_responses_client_that_leaves_aborts_and_nothing_is_stored():
+    engine = FakeEngine(
+        reply=lambda p, s: Reply("<|channel|>final<|message|>tick ", delay=0.01), max_model_len=50_000
+    )
+
+    async def main():
+        async with serving(engine) as app:
+            body = {"input": "hi", "stream": True, "max_output_tokens": 10_000}
+            await call(app, "POST", "/v1/responses", body, disconnect_after_frames=4)
+            return await app.state.server.response_store.stats()
+
+    stats = asyncio.run(main())
+    assert engine.aborted == list(engine.requests) and stats.entries == 0

@@ -32,6 +32,9 @@ TOOLS = [
 ]
 
 
+STORE_CAP = 64 * 1024  # small: the load test fills it and must see it evicting
+
+
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint_dir):
     args = [
@@ -40,6 +43,7 @@ def server(tiny_checkpoint_dir):
         "--max-model-len", str(MAX_MODEL_LEN),
         "--kv-cache-memory", "256MiB",
         "--max-body-bytes", str(MAX_BODY),
+        "--response-store-max-bytes", str(STORE_CAP),
     ]  # fmt: skip
     with ServerProcess(args) as srv:
         yield srv
@@ -319,17 +323,25 @@ def test_client_disconnect_aborts_at_once(server):
 
 @pytest.mark.slow
 def test_load_200_streams_with_disconnects(server):
-    """200 streaming requests, 32 at a time, every 4th client leaves mid-stream."""
+    """200 streaming requests (chat, completions, Responses), 32 at a time, every 4th client
+    leaves mid-stream: none hangs, no KV block leaks, the response store stays bounded."""
 
     async def one(client: httpx.AsyncClient, i: int) -> str:
-        # Even: chat; odd: raw completions (random weights write visible text there on every token).
-        chat = i % 2 == 0
-        body = {"model": MODEL, "max_tokens": 16, "stream": True}
-        if chat:
-            body["messages"] = user(f"request {i}")
+        # A third each: chat, raw completions (random weights write visible text there on every
+        # token), Responses (stored: the store must stay bounded).
+        kind = ("chat", "completions", "responses")[i % 3]
+        body: dict = {"model": MODEL, "stream": True}
+        if kind == "chat":
+            body.update(messages=user(f"request {i}"), max_tokens=16)
+        elif kind == "completions":
+            body.update(prompt=f"<|start|>user<|message|>request {i}<|end|><|start|>assistant", max_tokens=16)
         else:
-            body["prompt"] = f"<|start|>user<|message|>request {i}<|end|><|start|>assistant"
-        path = "/v1/chat/completions" if chat else "/v1/completions"
+            body.update(input=f"request {i}", max_output_tokens=16)
+        path = {
+            "chat": "/v1/chat/completions",
+            "completions": "/v1/completions",
+            "responses": "/v1/responses",
+        }[kind]
         async with client.stream("POST", path, json=body) as r:
             assert r.status_code == 200
             events = []
@@ -342,10 +354,17 @@ def test_load_200_streams_with_disconnects(server):
                 if i % 8 < 2 and events:  # a quarter of the clients leave mid-stream
                     return "disconnected"
         assert buffer == ""
+        if kind == "responses":
+            types = [e.split("\n")[0].removeprefix("event: ") for e in events]
+            assert types[0] == "response.created" and types[-1] in (
+                "response.completed",
+                "response.incomplete",
+            )
+            return "completed"
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
         assert all(e.startswith("data: ") for e in events)
-        if chat:
+        if kind == "chat":
             assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
         finishes = [c["choices"][0]["finish_reason"] for c in chunks]
         assert finishes[-1] in ("stop", "length", "tool_calls") and finishes[:-1] == [None] * (
@@ -369,6 +388,9 @@ def test_load_200_streams_with_disconnects(server):
     server.wait_engine_idle(timeout=5.0)
     assert server.metric("gptoss_num_requests_running") == 0
     assert server.metric("gptoss_kv_cache_blocks_used") == 0
+    # Every completed Responses stream was stored, none that was cut; within the byte cap.
+    assert 0 < server.metric("gptoss_response_store_entries") <= 67
+    assert server.metric("gptoss_response_store_bytes") <= STORE_CAP
 
 
 def test_unloadable_model_exits_1(tmp_path):

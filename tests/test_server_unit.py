@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from engine.types import RequestOutput
 from harmony.tokenizer import load_tokenizer
-from server.errors import validation_message
 from server import events as ev
+from server.errors import validation_message
 from server.harmony_output import HarmonyAssembler
 from server.stop_strings import StopStringFilter
 
@@ -121,7 +121,7 @@ def fields(events) -> dict:
 def test_assembly_matches_openai_harmony(text, chunk):
     ids = load_tokenizer().encode_with_specials(text)
     finish = "stop" if text.endswith(("<|call|>", "<|return|>")) else "length"
-    assembler, events = assemble(ids, chunk, finish=finish)
+    _, events = assemble(ids, chunk, finish=finish)
     assert fields(events) == _oracle(text)
     # Each call announced once with a fresh id, then its arguments, then its end with the whole text.
     begun = [e for e in events if isinstance(e, ev.ToolCallBegun)]
