@@ -17,13 +17,13 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from server.setting_values import parse_bytes
 from server.settings import (
     ENV_PREFIX,
     UNITS,
     ServerSettings,
     Setting,
     flag_env_name,
-    parse_bytes,
     settings_declaration,
     settings_table_markdown,
 )

@@ -34,7 +34,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from server.cli import build_arg_parser, parse_settings
-from server.settings import parse_bytes
+from server.setting_values import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"

@@ -22,7 +22,7 @@ import yaml
 
 from engine.types import EngineStats
 from server.metrics import ServerMetrics
-from server.settings import parse_bytes
+from server.setting_values import parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

@@ -15,12 +15,11 @@ import pytest
 from engine.config import EngineConfig, resolve_dtype
 from harmony.conversation import REASONING_EFFORTS
 from server.cli import build_arg_parser, env_var_name, known_env_vars, parse_settings
+from server.setting_values import format_bytes, parse_bytes
 from server.settings import (
     DEFAULT_MODEL_NAME,
     ServerSettings,
     engine_config,
-    format_bytes,
-    parse_bytes,
     settings_declaration,
     settings_table_markdown,
 )
