@@ -10,7 +10,7 @@ import argparse
 import re
 from urllib.parse import urlsplit
 
-from server.response_store import redact_url
+from server.response_store_redis import redact_url
 
 _BYTE_UNITS = {
     "": 1,

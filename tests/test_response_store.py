@@ -18,14 +18,13 @@ from redis_server import RedisServer, free_port, redis_server_fixture  # noqa: F
 from server.cli import parse_settings
 from server.response_store import (
     MemoryResponseStore,
-    RedisResponseStore,
     ResponseStore,
     ResponseStoreUnavailable,
     StoreStats,
     entry_size,
     open_response_store,
-    redact_url,
 )
+from server.response_store_redis import RedisResponseStore, redact_url
 from server.settings import ServerSettings
 
 MakeStore = Callable[..., ResponseStore]
