@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from demo.data import SKILLS, make_example
+from demo.data import make_example
 from model.config import ModelConfig
 from model.layers import YarnRope, attention_with_sinks, rms_norm
 from model.mxfp4 import FP4_VALUES, SCALE_BIAS, VALUES_PER_BLOCK
@@ -76,16 +76,25 @@ class TinyGptOss(torch.nn.Module):
             for proj, rows in (("q_proj", c.q_dim), ("k_proj", c.kv_dim), ("v_proj", c.kv_dim)):
                 params[f"{pre}.self_attn.{proj}.weight"] = p(rows, h, std=h**-0.5)
                 params[f"{pre}.self_attn.{proj}.bias"] = p(rows, std=0.0)
-            params[f"{pre}.self_attn.o_proj.weight"] = p(h, c.q_dim, std=c.q_dim**-0.5 / math.sqrt(2 * c.num_layers))
+            params[f"{pre}.self_attn.o_proj.weight"] = p(
+                h, c.q_dim, std=c.q_dim**-0.5 / math.sqrt(2 * c.num_layers)
+            )
             params[f"{pre}.self_attn.o_proj.bias"] = p(h, std=0.0)
             params[f"{pre}.self_attn.sinks"] = p(c.num_heads, std=0.0)
             params[f"{pre}.post_attention_layernorm.weight"] = p(h, std=0.0, mean=1.0)
             params[f"{pre}.mlp.router.weight"] = p(c.num_experts, h, std=h**-0.5)
             params[f"{pre}.mlp.router.bias"] = p(c.num_experts, std=0.0)
-            params[f"{pre}.mlp.experts.gate_up_proj"] = p(c.num_experts, 2 * c.intermediate_size, h, std=h**-0.5)
-            params[f"{pre}.mlp.experts.gate_up_proj_bias"] = p(c.num_experts, 2 * c.intermediate_size, std=0.0)
+            params[f"{pre}.mlp.experts.gate_up_proj"] = p(
+                c.num_experts, 2 * c.intermediate_size, h, std=h**-0.5
+            )
+            params[f"{pre}.mlp.experts.gate_up_proj_bias"] = p(
+                c.num_experts, 2 * c.intermediate_size, std=0.0
+            )
             params[f"{pre}.mlp.experts.down_proj"] = p(
-                c.num_experts, h, c.intermediate_size, std=c.intermediate_size**-0.5 / math.sqrt(2 * c.num_layers)
+                c.num_experts,
+                h,
+                c.intermediate_size,
+                std=c.intermediate_size**-0.5 / math.sqrt(2 * c.num_layers),
             )
             params[f"{pre}.mlp.experts.down_proj_bias"] = p(c.num_experts, h, std=0.0)
         params["model.norm.weight"] = p(h, std=0.0, mean=1.0)
@@ -114,13 +123,23 @@ class TinyGptOss(torch.nn.Module):
         for n in range(c.num_layers):
             pre = f"model.layers.{n}"
             hN = rms_norm(x, w[f"{pre}.input_layernorm.weight"], c.rms_norm_eps)
-            q = F.linear(hN, w[f"{pre}.self_attn.q_proj.weight"], w[f"{pre}.self_attn.q_proj.bias"]).view(b, t, c.num_heads, c.head_dim)
-            k = F.linear(hN, w[f"{pre}.self_attn.k_proj.weight"], w[f"{pre}.self_attn.k_proj.bias"]).view(b, t, c.num_kv_heads, c.head_dim)
-            v = F.linear(hN, w[f"{pre}.self_attn.v_proj.weight"], w[f"{pre}.self_attn.v_proj.bias"]).view(b, t, c.num_kv_heads, c.head_dim)
+            q = F.linear(hN, w[f"{pre}.self_attn.q_proj.weight"], w[f"{pre}.self_attn.q_proj.bias"]).view(
+                b, t, c.num_heads, c.head_dim
+            )
+            k = F.linear(hN, w[f"{pre}.self_attn.k_proj.weight"], w[f"{pre}.self_attn.k_proj.bias"]).view(
+                b, t, c.num_kv_heads, c.head_dim
+            )
+            v = F.linear(hN, w[f"{pre}.self_attn.v_proj.weight"], w[f"{pre}.self_attn.v_proj.bias"]).view(
+                b, t, c.num_kv_heads, c.head_dim
+            )
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
             a = attention_with_sinks(q, k.transpose(1, 2), v.transpose(1, 2), masks[c.is_sliding(n)],
                                      w[f"{pre}.self_attn.sinks"], c.sm_scale)  # fmt: skip
-            x = x + F.linear(a.reshape(b, t, c.q_dim), w[f"{pre}.self_attn.o_proj.weight"], w[f"{pre}.self_attn.o_proj.bias"])
+            x = x + F.linear(
+                a.reshape(b, t, c.q_dim),
+                w[f"{pre}.self_attn.o_proj.weight"],
+                w[f"{pre}.self_attn.o_proj.bias"],
+            )
             y = rms_norm(x, w[f"{pre}.post_attention_layernorm.weight"], c.rms_norm_eps)
             logits = F.linear(y, w[f"{pre}.mlp.router.weight"], w[f"{pre}.mlp.router.bias"])
             top_v, top_i = torch.topk(logits, c.experts_per_token, dim=-1)
@@ -214,12 +233,20 @@ def train(out: Path, seed: int = 0, minutes: float = 20.0, examples: int = 60000
             tokens += int(valid.sum())
             if step % 50 == 0:
                 el = time.time() - start
-                log(f"step {step} epoch {epoch} loss {loss.item():.4f} tok/s {tokens / el:.0f} elapsed {el:.0f}s")
+                log(
+                    f"step {step} epoch {epoch} loss {loss.item():.4f} tok/s {tokens / el:.0f} elapsed {el:.0f}s"
+                )
         epoch += 1
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state": {k: v.detach() for k, v in model.named().items()}, "used": used, "seed": seed,
                 "config": CONFIG.to_hf_dict()}, out / "trained.pt")  # fmt: skip
-    summary = {"steps": step, "tokens": tokens, "seconds": time.time() - start, "loss": loss.item(), "used": len(used)}
+    summary = {
+        "steps": step,
+        "tokens": tokens,
+        "seconds": time.time() - start,
+        "loss": loss.item(),
+        "used": len(used),
+    }
     (out / "train.json").write_text(json.dumps(summary, indent=2))
     log(json.dumps(summary))
     return summary
