@@ -28,11 +28,14 @@ class FunctionTool:
 
 @dataclass(frozen=True)
 class ToolCall:
-    """An assistant's call of a function tool."""
+    """An assistant's call of a function tool. A free-form call (a Responses API `custom` tool,
+    offered as a function of one string) carries its raw input, rendered without
+    `<|constrain|>json`."""
 
     name: str
-    arguments: str  # JSON text as written
+    arguments: str  # JSON text as written; the raw input when free-form
     id: str | None = None
+    freeform: bool = False
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ Rules, in order:
 4. user -> a user message.
 5. assistant -> `reasoning` as an `analysis` message; then with `tool_calls`: non-empty content
    as a `commentary` preamble, and per call a `commentary` message to `functions.NAME` with
-   content type `<|constrain|>json` and the arguments as content (ends in `<|call|>`); without
-   tool calls a non-empty content is the `final` answer. Empty strings are absent.
+   content type `<|constrain|>json` (none for a free-form call) and the arguments as content
+   (ends in `<|call|>`); without tool calls a non-empty content is the `final` answer. Empty strings are absent.
 6. tool -> a message from `functions.NAME` to `assistant` on `commentary`; NAME comes from the
    latest earlier assistant tool call with the same id as the turn's `tool_call_id`, else from
    the turn's `name`. A tool turn that resolves to no name is a RenderError (the only error of
@@ -97,7 +97,7 @@ def _assistant_messages(turn: Turn) -> list[HarmonyMessage]:
                 call.arguments,
                 channel="commentary",
                 recipient=f"functions.{call.name}",
-                content_type=tokens.CONSTRAINED_JSON,
+                content_type=None if call.freeform else tokens.CONSTRAINED_JSON,
             )
         )
     return out

@@ -42,6 +42,7 @@ class ContentText:
     message: int
     text: str
     logprobs: tuple[PlacedLogprob, ...] = ()
+    preamble: bool = False  # written on the commentary channel (before tool calls), not as the answer
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class HarmonyAssembler:
         self._text = {"reasoning": "", "content": ""}  # everything emitted, for the request log
         self._message = -1
         self._kind: Kind | None = None  # kind of the message in progress (None between messages)
+        self._preamble = False  # the message in progress is on the commentary channel
         self._last_terminator: str | None = None
 
     @property
@@ -119,6 +120,7 @@ class HarmonyAssembler:
 
     def _start(self, channel: str | None, recipient: str | None, events: list[ChoiceEvent]) -> None:
         self._kind = _kind_of(channel, recipient)
+        self._preamble = channel == "commentary"
         self._message += 1
         if self._kind == "tool":
             assert recipient is not None
@@ -157,7 +159,7 @@ class HarmonyAssembler:
         placed = () if logprob is None else (PlacedLogprob(logprob, len(self._text["content"])),)
         if text or placed:
             self._text["content"] += text
-            events.append(ContentText(self.choice, max(self._message, 0), text, placed))
+            events.append(ContentText(self.choice, max(self._message, 0), text, placed, self._preamble))
 
     def _on_end(self, event: MessageEnd, events: list[ChoiceEvent]) -> None:
         message = event.message

@@ -28,6 +28,7 @@ from server.response_store import ResponseStoreUnavailable
 from server.responses_events import ResponseBuilder, item_id
 from server.responses_input import (
     ENCRYPTED_REASONING,
+    Offered,
     conversation_of,
     offered_tools,
     request_items,
@@ -50,21 +51,28 @@ logger = logging.getLogger("server.responses")
 text_logger = logging.getLogger("server.requests")  # prompt text, only with --log-requests
 router = APIRouter()
 DROPPED_TOOLS_HEADER = "x-gptoss-dropped-tools"
-_ID_PREFIX = {"message": "msg", "reasoning": "rs", "function_call": "fc", "function_call_output": "fco"}
+_ID_PREFIX = {
+    "message": "msg",
+    "reasoning": "rs",
+    "function_call": "fc",
+    "function_call_output": "fco",
+    "custom_tool_call": "ctc",
+    "custom_tool_call_output": "ctco",
+}
 
 
 async def fit_prompt(
     body: ResponsesRequest | InputTokensRequest,
     items: list[InputItem],
+    offered: Offered,
     limit: OutputLimit,
     state: ServerState,
 ) -> RenderedPrompt:
     """The prompt of ``items``; with ``truncation: auto`` the oldest items go until it fits
     (a tool result never loses its call), else a prompt that does not fit is a 400."""
-    tools = offered_tools(body).tools  # type: ignore[arg-type]
     tokenizer = state.require_tokenizer()
     while True:
-        conversation = conversation_of(body, items, tools, state)  # type: ignore[arg-type]
+        conversation = conversation_of(body, items, offered, state)  # type: ignore[arg-type]
         try:
             prompt = await asyncio.to_thread(render_conversation, conversation, tokenizer)
         except RenderError as exc:
@@ -119,7 +127,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     history = await _read(stored_items(body.previous_response_id, state)) if body.previous_response_id else []
     own = request_items(body)
     limit = _limit(body, state)
-    prompt = await fit_prompt(body, history + own, limit, state)
+    prompt = await fit_prompt(body, history + own, offered, limit, state)
     if state.settings.log_requests:
         text_logger.info("%s prompt: %r", request_id, prompt.text)
     params = sampling_params(
@@ -164,7 +172,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         user=body.user,
     )
     sealer = state.sealer if ENCRYPTED_REASONING in (body.include or ()) else None
-    builder = ResponseBuilder(response, sealer)
+    builder = ResponseBuilder(response, sealer, offered.names)
     record = {"items": [_stored_form(i) for i in history + own], "own_from": len(history)}
 
     async def save(done: ResponseBody) -> None:
@@ -270,5 +278,6 @@ async def count_input_tokens(body: InputTokensRequest, request: Request) -> Inpu
     state.resolve_model(body.model)
     history = await _read(stored_items(body.previous_response_id, state)) if body.previous_response_id else []
     own = request_items(body)  # type: ignore[arg-type]
-    prompt = await fit_prompt(body, history + own, OutputLimit(1, "max_output_tokens", 1), state)
+    offered = offered_tools(body)  # type: ignore[arg-type]
+    prompt = await fit_prompt(body, history + own, offered, OutputLimit(1, "max_output_tokens", 1), state)
     return InputTokens(input_tokens=len(prompt.token_ids))

@@ -4,8 +4,10 @@ The stream is ``response.created``, ``response.in_progress``, then per output it
 ``output_item.added``, its parts and deltas, ``output_item.done``, then exactly one terminal
 event (``response.completed``, ``response.incomplete`` or ``response.failed``) carrying the
 whole response. Items follow the model's Harmony messages: analysis -> a ``reasoning`` item,
-final and preambles -> ``message`` items, calls -> ``function_call`` items. The non-streaming
-body is the response these same events built.
+final and preambles -> ``message`` items (``phase`` ``final_answer`` / ``commentary``), calls
+-> ``function_call`` items, or ``custom_tool_call`` items for a custom tool (its input streams as
+``custom_tool_call_input`` deltas). A call of a namespaced tool carries its API name and
+``namespace``. The non-streaming body is the response these same events built.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Any
 from server import events as ev
 from server.errors import APIError
 from server.reasoning_seal import ReasoningSealer
+from server.responses_input import ToolName
 from server.responses_wire import (
+    CustomToolCallOut,
     FunctionCallOut,
     IncompleteDetails,
     InputTokensDetails,
@@ -40,9 +44,12 @@ def item_id(prefix: str) -> str:
 
 
 class ResponseBuilder:
-    def __init__(self, response: ResponseBody, sealer: ReasoningSealer | None) -> None:
+    def __init__(
+        self, response: ResponseBody, sealer: ReasoningSealer | None, tool_names: dict[str, ToolName]
+    ) -> None:
         self.response = response
         self._sealer = sealer  # set when the client asked for encrypted reasoning
+        self._tool_names = tool_names  # prompt name -> the API's name of each offered tool
         self._seq = 0
         self._open: tuple[str, int] | None = None  # (kind, Harmony message number) of the open item
         self._length = False
@@ -74,11 +81,22 @@ class ResponseBuilder:
         if isinstance(event, ev.ReasoningText):
             return self._text("reasoning", event.message, event.text)
         if isinstance(event, ev.ContentText):
-            return self._text("message", event.message, event.text) if event.text else []
+            kind = "preamble" if event.preamble else "message"
+            return self._text(kind, event.message, event.text) if event.text else []
         if isinstance(event, ev.ToolCallBegun):
             out = self._close()
-            self.response.output.append(FunctionCallOut(id=item_id("fc"), call_id=event.id, name=event.name))
-            self._open = ("function_call", event.message)
+            tool = self._tool_names.get(event.name, ToolName(event.name))
+            call: OutputItem = (
+                CustomToolCallOut(
+                    id=item_id("ctc"), call_id=event.id, name=tool.name, namespace=tool.namespace
+                )
+                if tool.custom
+                else FunctionCallOut(
+                    id=item_id("fc"), call_id=event.id, name=tool.name, namespace=tool.namespace
+                )
+            )
+            self.response.output.append(call)
+            self._open = ("call", event.message)
             return [
                 *out,
                 self._event(
@@ -87,16 +105,13 @@ class ResponseBuilder:
             ]
         if isinstance(event, ev.ToolCallArguments):
             item = self._item
+            where = {"item_id": item.id, "output_index": self._index, "delta": event.text}
+            if isinstance(item, CustomToolCallOut):
+                item.input += event.text
+                return [self._event("response.custom_tool_call_input.delta", **where)]
             assert isinstance(item, FunctionCallOut)
             item.arguments += event.text
-            return [
-                self._event(
-                    "response.function_call_arguments.delta",
-                    item_id=item.id,
-                    output_index=self._index,
-                    delta=event.text,
-                )
-            ]
+            return [self._event("response.function_call_arguments.delta", **where)]
         if isinstance(event, ev.ToolCallEnded):
             return self._close()
         if isinstance(event, ev.Finished):
@@ -170,7 +185,9 @@ class ResponseBuilder:
 
     def _begin(self, kind: str, message: int) -> list[StreamEvent]:
         item: OutputItem = (
-            ReasoningOut(id=item_id("rs")) if kind == "reasoning" else MessageOut(id=item_id("msg"))
+            ReasoningOut(id=item_id("rs"))
+            if kind == "reasoning"
+            else MessageOut(id=item_id("msg"), phase="commentary" if kind == "preamble" else "final_answer")
         )
         part = ReasoningTextPart(text="") if kind == "reasoning" else OutputText(text="")
         self.response.output.append(item)
@@ -205,6 +222,15 @@ class ResponseBuilder:
             where = {"item_id": item.id, "output_index": index, "content_index": 0}
             out.append(self._event("response.output_text.done", **where, text=part.text, logprobs=[]))
             out.append(self._event("response.content_part.done", **where, part=self._dump(part)))
+        elif isinstance(item, CustomToolCallOut):
+            out.append(
+                self._event(
+                    "response.custom_tool_call_input.done",
+                    item_id=item.id,
+                    output_index=index,
+                    input=item.input,
+                )
+            )
         else:
             assert isinstance(item, FunctionCallOut)
             out.append(

@@ -5,11 +5,19 @@ Items map to the same chat-level turns a chat request makes, so a Responses conv
 chat-completions equivalent render to the same tokens:
 - ``instructions``, and ``system``/``developer`` messages -> instruction turns (as chat's system
   messages: leading ones go to the developer message);
-- consecutive assistant-side items (``reasoning``, assistant ``message``, ``function_call``) form
-  one assistant turn: reasoning, then text (a preamble when calls follow), then the calls;
-- ``function_call_output`` -> a tool turn answering its ``call_id``;
+- consecutive assistant-side items (``reasoning``, assistant ``message``, ``function_call``,
+  ``custom_tool_call``) form one assistant turn: reasoning, then text (a preamble when calls
+  follow), then the calls;
+- ``function_call_output`` / ``custom_tool_call_output`` -> a tool turn answering its ``call_id``;
 - a reasoning item sent back with only ``encrypted_content`` is opened with the server's key.
 The renderer's rule then keeps analysis during a tool loop and drops it before the last answer.
+
+Tools: every offered tool is a Harmony function in namespace ``functions``, the one namespace
+gpt-oss was trained to call. A ``custom`` (free-form) tool is a function of one string, which
+openai-harmony renders as ``(_: string) => any``; its calls carry raw text, with no
+``<|constrain|>json``. A tool inside a ``namespace`` group keeps its own name, unless that name
+is taken, then it is ``{namespace}__{name}``; ``Offered.names`` maps each prompt name back to
+the API's (name, namespace, kind), for the calls the model writes and the items clients replay.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from harmony.conversation import Conversation, FunctionTool, ToolCall, Turn
 from server.errors import APIError
 from server.reasoning_seal import ReasoningSealer, SealError
 from server.responses_protocol import (
+    CustomToolCallItem,
+    CustomToolParam,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionToolParam,
@@ -43,10 +53,41 @@ ITEMS = TypeAdapter(list[InputItem])
 ENCRYPTED_REASONING = "reasoning.encrypted_content"
 
 
+FREEFORM_PARAMETERS = {"type": "string"}
+
+
+@dataclass(frozen=True)
+class ToolName:
+    """A tool as the API names it (the prompt may name it otherwise, see the module doc)."""
+
+    name: str
+    namespace: str | None = None
+    custom: bool = False
+
+
 @dataclass
 class Offered:
     tools: tuple[FunctionTool, ...] = ()
+    names: dict[str, ToolName] = field(default_factory=dict)  # prompt name -> API name
     dropped: list[str] = field(default_factory=list)  # hosted tools this server does not run
+
+    def prompt_name(self, name: str, namespace: str | None) -> str:
+        """The prompt name of a replayed call's tool (its own name when it is not offered)."""
+        for prompt, tool in self.names.items():
+            if (tool.name, tool.namespace) == (name, namespace):
+                return prompt
+        return name
+
+    def _add(self, tool: FunctionToolParam | CustomToolParam, namespace: str | None, taken: set[str]) -> None:
+        name = tool.name
+        if namespace and (name in self.names or name in taken):
+            name = f"{namespace}__{tool.name}"
+        if name in self.names:
+            return  # a repeated name: the first declaration stands
+        custom = isinstance(tool, CustomToolParam)
+        self.names[name] = ToolName(tool.name, namespace, custom)
+        parameters = FREEFORM_PARAMETERS if custom else tool.parameters  # type: ignore[union-attr]
+        self.tools += (FunctionTool(name, tool.description or "", parameters),)
 
 
 def request_items(body: ResponsesRequest) -> list[InputItem]:
@@ -56,7 +97,8 @@ def request_items(body: ResponsesRequest) -> list[InputItem]:
 
 
 def offered_tools(body: ResponsesRequest) -> Offered:
-    """Function tools (flat, or grouped in namespaces) are offered; hosted ones are dropped."""
+    """Function and custom tools (flat, or grouped in namespaces) are offered; hosted ones are
+    dropped; ``tool_choice: none`` offers nothing."""
     offered = Offered()
     if body.tool_choice == "required" or (
         body.tool_choice is not None and not isinstance(body.tool_choice, str)
@@ -68,18 +110,20 @@ def offered_tools(body: ResponsesRequest) -> Offered:
             param="tool_choice",
             code="unsupported_tool_choice",
         )
-    functions: list[FunctionToolParam] = []
+    grouped: list[tuple[FunctionToolParam | CustomToolParam, str | None]] = []
     for tool in body.tools or ():
-        if isinstance(tool, FunctionToolParam):
-            functions.append(tool)
+        if isinstance(tool, FunctionToolParam | CustomToolParam):
+            grouped.append((tool, None))
         elif isinstance(tool, NamespaceTool):
-            functions += tool.tools
+            grouped += [(inner, tool.name or None) for inner in tool.tools]
         else:
             offered.dropped.append(tool.type)
     if offered.dropped:
         logger.info("hosted tools not run here, not offered to the model: %s", ", ".join(offered.dropped))
     if body.tool_choice != "none":
-        offered.tools = tuple(FunctionTool(t.name, t.description or "", t.parameters) for t in functions)
+        flat = {tool.name for tool, namespace in grouped if namespace is None}  # these keep their names
+        for tool, namespace in grouped:
+            offered._add(tool, namespace, flat)
     return offered
 
 
@@ -109,7 +153,7 @@ def _reasoning_text(item: ReasoningItem, index: int, sealer: ReasoningSealer) ->
     return ""
 
 
-def turns_of(items: list[InputItem], sealer: ReasoningSealer) -> list[Turn]:
+def turns_of(items: list[InputItem], sealer: ReasoningSealer, offered: Offered) -> list[Turn]:
     turns: list[Turn] = []
     pending: dict | None = None  # the assistant turn being gathered
 
@@ -124,7 +168,7 @@ def turns_of(items: list[InputItem], sealer: ReasoningSealer) -> list[Turn]:
             raise APIError(
                 400, f"input items of type `{item.type}` are not supported", param=f"input[{i}].type"
             )
-        assistant_side = isinstance(item, ReasoningItem | FunctionCallItem) or (
+        assistant_side = isinstance(item, ReasoningItem | FunctionCallItem | CustomToolCallItem) or (
             isinstance(item, MessageItem) and item.role == "assistant"
         )
         if not assistant_side:
@@ -135,9 +179,13 @@ def turns_of(items: list[InputItem], sealer: ReasoningSealer) -> list[Turn]:
             pending = pending or {"reasoning": "", "content": "", "calls": []}
             text = _reasoning_text(item, i, sealer)
             pending["reasoning"] = "\n".join(t for t in (pending["reasoning"], text) if t)
-        elif isinstance(item, FunctionCallItem):
+        elif isinstance(item, FunctionCallItem | CustomToolCallItem):
             pending = pending or {"reasoning": "", "content": "", "calls": []}
-            pending["calls"].append(ToolCall(item.name, item.arguments, item.call_id))
+            name = offered.prompt_name(item.name, item.namespace)
+            if isinstance(item, CustomToolCallItem):
+                pending["calls"].append(ToolCall(name, item.input, item.call_id, freeform=True))
+            else:
+                pending["calls"].append(ToolCall(name, item.arguments, item.call_id))
         elif isinstance(item, FunctionCallOutputItem):
             turns.append(Turn("tool", _text(item.output, f"input[{i}].output"), tool_call_id=item.call_id))
         elif item.role == "assistant":
@@ -152,13 +200,13 @@ def turns_of(items: list[InputItem], sealer: ReasoningSealer) -> list[Turn]:
 
 
 def conversation_of(
-    body: ResponsesRequest, items: list[InputItem], tools: tuple[FunctionTool, ...], state: ServerState
+    body: ResponsesRequest, items: list[InputItem], offered: Offered, state: ServerState
 ) -> Conversation:
     head = [Turn("developer", body.instructions)] if body.instructions else []
     effort = body.reasoning.effort if body.reasoning and body.reasoning.effort else None
     return Conversation(
-        turns=tuple(head + turns_of(items, state.sealer)),
-        tools=tools,
+        turns=tuple(head + turns_of(items, state.sealer, offered)),
+        tools=offered.tools,
         reasoning_effort=effort or state.settings.default_reasoning_effort,
         date=state.prompt_date(),
     )

@@ -40,6 +40,7 @@ class MessageItem(_Lenient):
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[ContentPart]
+    phase: Literal["commentary", "final_answer"] | None = None
     id: str | None = None
     status: str | None = None
 
@@ -68,17 +69,41 @@ class FunctionCallItem(_Lenient):
     status: str | None = None
 
 
+class CustomToolCallItem(_Lenient):
+    """A call of a ``custom`` (free-form) tool: its ``input`` is raw text, not JSON."""
+
+    type: Literal["custom_tool_call"]
+    call_id: NonEmpty
+    name: NonEmpty
+    input: str
+    namespace: str | None = None
+    id: str | None = None
+    status: str | None = None
+
+
 class FunctionCallOutputItem(_Lenient):
-    type: Literal["function_call_output"]
+    """A tool's result, for a function or a custom tool call alike."""
+
+    type: Literal["function_call_output", "custom_tool_call_output"]
     call_id: NonEmpty
     output: str | list[ContentPart]
     id: str | None = None
     status: str | None = None
 
 
+_ITEM_KINDS = {
+    "message": "message",
+    "reasoning": "reasoning",
+    "function_call": "function_call",
+    "custom_tool_call": "custom_tool_call",
+    "function_call_output": "output",
+    "custom_tool_call_output": "output",
+}
+
+
 def _item_kind(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
-    return kind if kind in ("message", "reasoning", "function_call", "function_call_output") else "other"
+    return _ITEM_KINDS.get(kind, "other")
 
 
 class OtherItem(_Lenient):
@@ -91,7 +116,8 @@ InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[ReasoningItem, Tag("reasoning")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[CustomToolCallItem, Tag("custom_tool_call")]
+    | Annotated[FunctionCallOutputItem, Tag("output")]
     | Annotated[OtherItem, Tag("other")],
     Discriminator(_item_kind),
 ]
@@ -105,13 +131,25 @@ class FunctionToolParam(_Lenient):
     strict: bool | None = None
 
 
+class CustomToolParam(_Lenient):
+    """A free-form tool: its input is text, optionally held to a grammar (``format``:
+    ``{"type": "text"}`` or ``{"type": "grammar", "syntax": "lark" | "regex", "definition": ...}``)."""
+
+    type: Literal["custom"]
+    name: NonEmpty
+    description: str | None = None
+    format: dict[str, Any] | None = None
+
+
 class NamespaceTool(_Lenient):
-    """Functions grouped under a name, as Codex sends them; offered to the model as functions."""
+    """Tools grouped under a name, as Codex sends them; offered to the model as functions."""
 
     type: Literal["namespace"]
     name: str = ""
     description: str = ""
-    tools: list[FunctionToolParam] = Field(default_factory=list)
+    tools: list[Annotated[FunctionToolParam | CustomToolParam, Field(discriminator="type")]] = Field(
+        default_factory=list
+    )
 
 
 class HostedTool(_Lenient):
@@ -122,11 +160,12 @@ class HostedTool(_Lenient):
 
 def _tool_kind(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if kind in ("function", "namespace") else "hosted"
+    return kind if kind in ("function", "custom", "namespace") else "hosted"
 
 
 ToolParam = Annotated[
     Annotated[FunctionToolParam, Tag("function")]
+    | Annotated[CustomToolParam, Tag("custom")]
     | Annotated[NamespaceTool, Tag("namespace")]
     | Annotated[HostedTool, Tag("hosted")],
     Discriminator(_tool_kind),

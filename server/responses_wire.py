@@ -37,6 +37,9 @@ class MessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     status: ItemStatus = "in_progress"
     content: list[OutputText] = Field(default_factory=list)
+    phase: Literal["commentary", "final_answer"] = Field(
+        "final_answer", description="`commentary`: a preamble the model wrote before its tool calls."
+    )
 
 
 class FunctionCallOut(BaseModel):
@@ -45,10 +48,21 @@ class FunctionCallOut(BaseModel):
     call_id: str
     name: str
     arguments: str = ""
+    namespace: str | None = None
     status: ItemStatus = "in_progress"
 
 
-OutputItem = ReasoningOut | MessageOut | FunctionCallOut
+class CustomToolCallOut(BaseModel):
+    id: str
+    type: Literal["custom_tool_call"] = "custom_tool_call"
+    call_id: str
+    name: str
+    input: str = ""
+    namespace: str | None = None
+    status: ItemStatus = "in_progress"
+
+
+OutputItem = ReasoningOut | MessageOut | FunctionCallOut | CustomToolCallOut
 
 
 class InputTokensDetails(BaseModel):

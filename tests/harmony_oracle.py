@@ -53,6 +53,13 @@ def _assistant(message: dict) -> list[oh.Message]:
     if content:
         out.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, content).with_channel("commentary"))
     for call in calls:
+        if call.get("type") == "custom":  # a free-form call: raw input, no content type
+            out.append(
+                oh.Message.from_role_and_content(oh.Role.ASSISTANT, call["custom"]["input"])
+                .with_channel("commentary")
+                .with_recipient("functions." + call["custom"]["name"])
+            )
+            continue
         out.append(
             oh.Message.from_role_and_content(oh.Role.ASSISTANT, call["function"]["arguments"])
             .with_channel("commentary")
@@ -60,6 +67,17 @@ def _assistant(message: dict) -> list[oh.Message]:
             .with_content_type("<|constrain|>json")
         )
     return out
+
+
+def _tool_description(tool: dict) -> oh.ToolDescription:
+    """A chat tool for openai-harmony; a custom (free-form) tool is a function of one string."""
+    if tool.get("type") == "custom":
+        custom = tool["custom"]
+        return oh.ToolDescription.new(custom["name"], custom.get("description") or "", {"type": "string"})
+    function = tool["function"]
+    return oh.ToolDescription.new(
+        function["name"], function.get("description") or "", function.get("parameters")
+    )
 
 
 def oracle_messages(request: dict, date: str | None, drop_analysis: bool = True) -> list[oh.Message]:
@@ -70,12 +88,7 @@ def oracle_messages(request: dict, date: str | None, drop_analysis: bool = True)
     system = oh.SystemContent.new().with_reasoning_effort(EFFORTS[effort])
     if date is not None:
         system = system.with_conversation_start_date(date)
-    tools = [
-        oh.ToolDescription.new(
-            t["function"]["name"], t["function"].get("description") or "", t["function"].get("parameters")
-        )
-        for t in request.get("tools") or []
-    ]
+    tools = [_tool_description(t) for t in request.get("tools") or []]
     instructions, body, names, leading = [], [], {}, True
     for message in request["messages"]:
         role = message["role"]
@@ -97,7 +110,7 @@ def oracle_messages(request: dict, date: str | None, drop_analysis: bool = True)
             body += _assistant(message)
             for call in message.get("tool_calls") or []:
                 if "id" in call:
-                    names[call["id"]] = call["function"]["name"]
+                    names[call["id"]] = call.get("function", call.get("custom"))["name"]
         elif role == "tool":
             name = names.get(message.get("tool_call_id")) or message["name"]
             body.append(

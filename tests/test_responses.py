@@ -21,6 +21,13 @@ WEATHER = {
     "description": "Current weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
+PATCH_TEXT = "*** Begin Patch\n*** Add File: hi.txt\n+hello\n*** End Patch"
+APPLY_PATCH = {
+    "type": "custom",
+    "name": "apply_patch",
+    "description": "Apply a patch to files",
+    "format": {"type": "grammar", "syntax": "lark", "definition": "start: /[\\s\\S]+/"},
+}
 SCRIPT = {
     "rules": [
         {
@@ -33,6 +40,20 @@ SCRIPT = {
             "output": "<|channel|>analysis<|message|>User wants the weather.<|end|>"
             "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
             '<|message|>{"city": "Paris"}<|call|>',
+        },
+        {
+            "match": "SCRIPT:patch",
+            "output": "<|channel|>analysis<|message|>Write the patch.<|end|>"
+            "<|start|>assistant<|channel|>commentary<|message|>Applying it.<|end|>"
+            "<|start|>assistant to=functions.apply_patch<|channel|>commentary<|message|>"
+            + PATCH_TEXT
+            + "<|call|>",
+        },
+        {
+            "match": "SCRIPT:shell",
+            "output": "<|channel|>analysis<|message|>Run it.<|end|>"
+            "<|start|>assistant to=functions.shell<|channel|>commentary <|constrain|>json"
+            '<|message|>{"cmd": "ls"}<|call|>',
         },
         {"match": "SCRIPT:long", "output": "<|channel|>final<|message|>tick ", "repeat": True},
     ],
@@ -227,6 +248,47 @@ def test_encrypted_reasoning_round_trip(server):
     tampered = {**sealed, "encrypted_content": sealed["encrypted_content"][:-4] + "AAAA"}
     bad = post(server, "/v1/responses", {"tools": [WEATHER], "input": [tampered, call, result]})
     assert bad.status_code == 400 and "encrypted" in bad.json()["error"]["message"]
+
+
+def test_a_custom_tool_call_streams_as_custom_tool_call_items(server):
+    events = raw_events(server, {"input": "SCRIPT:patch", "tools": [WEATHER, APPLY_PATCH]})
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [i["type"] for i in done] == ["reasoning", "message", "custom_tool_call"]
+    preamble, call = done[1], done[2]
+    assert preamble["phase"] == "commentary" and preamble["content"][0]["text"] == "Applying it."
+    assert (
+        call["name"] == "apply_patch" and call["input"] == PATCH_TEXT and call["call_id"].startswith("call_")
+    )
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.custom_tool_call_input.delta")
+    input_done = next(e for e in events if e["type"] == "response.custom_tool_call_input.done")
+    assert deltas == input_done["input"] == PATCH_TEXT
+    assert not any(e["type"].startswith("response.function_call_arguments") for e in events)
+    final = Response.model_validate(events[-1]["response"])
+    assert final.status == "completed" and final.output[-1].type == "custom_tool_call"
+    # The next turn sends the call back with its output: the answer follows, and the replayed
+    # call renders as the model wrote it (the prompt holds the same tokens as the output).
+    result = {"type": "custom_tool_call_output", "call_id": call["call_id"], "output": "TOOLRESULT:sunny"}
+    r = post(server, "/v1/responses", {"input": [{"role": "user", "content": "SCRIPT:patch"}, *done, result],
+                                      "tools": [WEATHER, APPLY_PATCH]})  # fmt: skip
+    assert r.status_code == 200 and Response.model_validate(r.json()).output_text == "It is sunny in Paris."
+
+
+def test_namespaced_calls_carry_their_namespace(client):
+    shell = {
+        "type": "function",
+        "name": "shell",
+        "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}},
+    }
+    r = client.responses.create(
+        model=MODEL,
+        input="SCRIPT:shell",
+        tools=[{"type": "namespace", "name": "box", "description": "Sandbox", "tools": [shell]}],  # type: ignore[list-item]
+    )
+    call = r.output[-1]
+    assert call.type == "function_call" and call.name == "shell" and call.namespace == "box"
+    assert [m.phase for m in r.output if m.type == "message"] == []
+    plain = client.responses.create(model=MODEL, input="hello")
+    assert [m.phase for m in plain.output if m.type == "message"] == ["final_answer"]
 
 
 def test_hosted_tools_are_dropped_not_refused(server):

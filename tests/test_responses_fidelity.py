@@ -31,8 +31,8 @@ STATE = FixedDate(settings=ServerSettings(), sealer=ReasoningSealer("k"))
 
 def responses_tokens(body: dict) -> list[int]:
     request = ResponsesRequest.model_validate(body)
-    tools = offered_tools(request).tools
-    return render_conversation(conversation_of(request, request_items(request), tools, STATE)).token_ids
+    offered = offered_tools(request)
+    return render_conversation(conversation_of(request, request_items(request), offered, STATE)).token_ids
 
 
 def user(text):
@@ -70,7 +70,82 @@ def chat_call(call_id, city):
     }
 
 
+PATCH = {"type": "custom", "name": "apply_patch", "description": "Apply a patch",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: /[\\s\\S]+/"}}  # fmt: skip
+CHAT_PATCH = {"type": "custom", "custom": {"name": "apply_patch", "description": "Apply a patch"}}
+PATCH_TEXT = '*** Begin Patch\n*** Add File: a.txt\n+hi "there"\n*** End Patch'
+SHELL = {"type": "function", "name": "shell", "description": "Run", "parameters": {
+    "type": "object", "properties": {"cmd": {"type": "string"}}}}  # fmt: skip
+
+
+def chat_function(tool: dict, name: str | None = None) -> dict:
+    fields = {k: v for k, v in tool.items() if k != "type"}
+    return {"type": "function", "function": {**fields, "name": name or tool["name"]}}
+
+
 CASES = {
+    "a custom tool loop": (
+        {
+            "input": [
+                user("Patch it"),
+                reasoning("write a patch"),
+                {"type": "custom_tool_call", "call_id": "p1", "name": "apply_patch", "input": PATCH_TEXT},
+                {"type": "custom_tool_call_output", "call_id": "p1", "output": "Done!"},
+            ],
+            "tools": [WEATHER, PATCH],
+        },
+        {
+            "messages": [
+                user("Patch it"),
+                {
+                    "role": "assistant",
+                    "reasoning": "write a patch",
+                    "tool_calls": [
+                        {"id": "p1", "type": "custom", "custom": {"name": "apply_patch", "input": PATCH_TEXT}}
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "p1", "content": "Done!"},
+            ],
+            "tools": [CHAT_WEATHER, CHAT_PATCH],
+        },
+    ),
+    "namespaced tools, one name taken": (
+        {
+            "input": [
+                user("ls"),
+                {
+                    "type": "function_call",
+                    "call_id": "s1",
+                    "name": "shell",
+                    "namespace": "box",
+                    "arguments": '{"cmd": "ls"}',
+                },
+                output("s1", "a.txt"),
+            ],
+            "tools": [
+                {"type": "namespace", "name": "box", "tools": [SHELL]},
+                {"type": "namespace", "name": "util", "tools": [WEATHER]},
+                SHELL,
+            ],
+        },
+        {
+            "messages": [
+                user("ls"),
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "s1",
+                            "type": "function",
+                            "function": {"name": "box__shell", "arguments": '{"cmd": "ls"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "s1", "content": "a.txt"},
+            ],
+            "tools": [chat_function(SHELL, "box__shell"), CHAT_WEATHER, chat_function(SHELL)],
+        },
+    ),
     "multi-turn": (
         {"input": [user("Hi"), reasoning("greet"), answer("Hello!"), user("Bye")]},
         {
