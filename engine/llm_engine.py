@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from .config import EngineConfig
 from .host_memory import keep_freed_memory
 from .kv_plan import plan_kv_cache
 from .model_runner import ModelRunner
-from .sampler import Sampler
+from .sampler import Sampler, TokenMasks
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .types import (
@@ -114,6 +115,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv_cache, has_sliding)
         self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
+        # Constrained requests' masks are filled here while the forward pass runs (the grammar
+        # library releases the GIL). Created on first use: most engines never need it.
+        self._mask_worker: ThreadPoolExecutor | None = None
         self._seqs: dict[str, Sequence] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (abort)
         self._alive = True
@@ -236,13 +240,14 @@ class LLMEngine:
                 seq.metrics.first_scheduled_time = now
         try:
             batch = self.runner.prepare(sched)
+            masks = self._start_masks(batch.sample_seqs)
             t_fwd = time.perf_counter()
             logits = self.runner.forward(batch)
             if self.device.type == "cuda":  # so the timing split is real (the sampler syncs anyway)
                 torch.cuda.synchronize(self.device)
             t_sample = time.perf_counter()
             forward_s = t_sample - t_fwd
-            sampled = self.sampler(logits, batch.sample_seqs)
+            sampled = self.sampler(logits, batch.sample_seqs, masks.result() if masks else None)
             sampler_s = time.perf_counter() - t_sample
         except Exception as exc:  # fail this step's requests, keep the engine
             log.exception("engine step failed")
@@ -263,9 +268,20 @@ class LLMEngine:
         self.timing.total_s += time.perf_counter() - t0
         return outputs
 
+    def _start_masks(self, seqs: list[Sequence]) -> Future[TokenMasks | None] | None:
+        """The masks of this step's constrained rows, filling on the worker; None: no
+        constrained row, no mask work at all."""
+        if not any(s.params.constraint is not None for s in seqs):
+            return None
+        if self._mask_worker is None:
+            self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks")
+        return self._mask_worker.submit(self.sampler.fill_masks, seqs)
+
     def _append_token(
         self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float
     ) -> RequestOutput:
+        if seq.params.constraint is not None:
+            seq.params.constraint.advance(token)
         seq.token_ids.append(token)
         seq.new_token_ids.append(token)
         if logprob is not None:

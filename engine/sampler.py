@@ -8,7 +8,9 @@ row, so a seeded request's draw depends only on its own generator and logits, ne
 its batch neighbours.
 
 Order: penalties (presence/frequency on generated tokens, repetition on prompt+generated),
-logit_bias, min_tokens (stop ids suppressed), then greedy rows take the argmax; sampled
+logit_bias, min_tokens (stop ids suppressed), a constrained request's token mask (disallowed
+tokens to -inf; rows whose constraint allows everything this step are left alone), then
+greedy rows take the argmax; sampled
 rows apply temperature, top_k, top_p, min_p and draw. Logprobs are those of the model's own
 distribution (log_softmax of the raw logits), like vLLM's default and OpenAI's API.
 
@@ -54,6 +56,20 @@ def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class TokenMasks:
+    """Bitmasks of the rows whose constraint restricts this step: ``bits[j]`` is row ``rows[j]``'s."""
+
+    rows: list[int]
+    bits: torch.Tensor  # int32 [len(rows), ceil(V / 32)], on the CPU
+
+
+def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """int32 [R, W] bitmasks -> bool [R, vocab_size] (bit t % 32 of word t // 32 = token t)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :vocab_size]
+
+
+@dataclass
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[TokenLogprob | None]
@@ -72,13 +88,24 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
+    def fill_masks(self, seqs: list[Sequence]) -> TokenMasks | None:
+        """Ask each constrained sequence for its mask (on the engine's mask worker)."""
+        rows = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
+        bits = torch.zeros(len(rows), (self.vocab_size + 31) // 32, dtype=torch.int32)
+        kept = [j for j, i in enumerate(rows) if seqs[i].params.constraint.fill_mask(bits[j])]  # type: ignore[union-attr]
+        if not kept:
+            return None
+        return TokenMasks([rows[j] for j in kept], bits[kept])
+
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None
+    ) -> SamplerOutput:
         """logits [N, V] (float32 or the model dtype), one row per sequence in ``seqs``."""
         n = len(seqs)
         if n == 0:
             return SamplerOutput([], [])
-        x = self._process(logits, seqs)
+        x = self._process(logits, seqs, masks)
         random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_EPS]
         tokens = (
             greedy_argmax(x) if len(random_rows) < n else torch.empty(n, dtype=torch.long, device=x.device)
@@ -89,7 +116,9 @@ class Sampler:
         return SamplerOutput(tokens.tolist(), self.logprobs_of(logits, seqs, tokens))
 
     # -- logits processing ------------------------------------------------------------------
-    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _process(
+        self, logits: torch.Tensor, seqs: list[Sequence], masks: TokenMasks | None = None
+    ) -> torch.Tensor:
         params = [s.params for s in seqs]
         pen_rows = [
             i for i, p in enumerate(params)
@@ -109,7 +138,7 @@ class Sampler:
                     if 0 <= tok < self.vocab_size:
                         ban_rows.append(i)
                         ban_cols.append(tok)
-        if not (pen_rows or bias_rows or ban_rows):
+        if not (pen_rows or bias_rows or ban_rows or masks):
             return logits
         x = (
             logits.float() if logits.dtype != torch.float32 else logits.clone()
@@ -127,6 +156,10 @@ class Sampler:
             )
         if ban_rows:
             x[torch.tensor(ban_rows, device=dev), torch.tensor(ban_cols, device=dev)] = float("-inf")
+        if masks:
+            idx = torch.tensor(masks.rows, device=dev)
+            allowed = unpack_bits(masks.bits.to(dev), self.vocab_size)
+            x[idx] = x.index_select(0, idx).masked_fill(~allowed, float("-inf"))
         return x
 
     def _penalize(self, x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

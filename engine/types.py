@@ -9,9 +9,28 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class TokenConstraint(Protocol):
+    """Which tokens one request may sample next (structured outputs, reasoning budgets).
+
+    Built by the caller, one per request (it holds that request's state). Each step the engine
+    calls ``fill_mask`` for the token about to be sampled, on a worker thread while the forward
+    pass runs, then ``advance`` with the token sampled. Neither may raise: a constraint that
+    cannot go on allows only the request's stop tokens."""
+
+    def fill_mask(self, row: torch.Tensor) -> bool:
+        """Write the allowed tokens into ``row`` (int32, zeroed, bit ``t % 32`` of word
+        ``t // 32`` = token t allowed); False = no restriction this step (``row`` untouched)."""
+        ...
+
+    def advance(self, token_id: int) -> None: ...
 
 
 @dataclass
@@ -30,6 +49,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # None = off; k >= 0 = sampled token's logprob + k alternatives
     ignore_eos: bool = False  # never stop on stop_token_ids (benchmarks)
+    constraint: TokenConstraint | None = None  # this request's own (never shared between requests)
 
 
 @dataclass

@@ -75,6 +75,11 @@ class HarmonyTokenizer:
             special_tokens=self._specials,
         )
 
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The tiktoken encoding (for libraries that build their own view of the vocabulary)."""
+        return self._encoding
+
     # -- encoding -----------------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:

@@ -196,7 +196,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     prompt = await render_chat(body, state)
     if state.settings.log_requests:
         text_logger.info("%s prompt: %r", request_id, prompt.text)
-    requests = engine_requests(body, prompt, state)
+    requests = await engine_requests(body, prompt, state)
     tokenizer = state.require_tokenizer()
     stops = stop_strings(body.stop)
     assemblers = [

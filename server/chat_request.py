@@ -9,25 +9,59 @@ from __future__ import annotations
 
 import asyncio
 
-from harmony.conversation import Conversation, FunctionTool, ToolCall, Turn
+from harmony.conversation import Conversation, FunctionTool, ResponseFormat, ToolCall, Turn
 from harmony.render import RenderedPrompt, RenderError, render_conversation
 from server.errors import APIError
+from server.guided_grammar import FinalRule
 from server.pipeline import EngineRequest
-from server.protocol import ChatCompletionRequest, ChatMessage, TextPart, TokenizeChatRequest
+from server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    NamedToolChoice,
+    TextPart,
+    TokenizeChatRequest,
+)
 from server.sampling import OutputLimit, sampling_params
 from server.state import ServerState
+from server.structured import (
+    RequestGuide,
+    TurnRules,
+    apply_choice,
+    attach_guides,
+    call_rule,
+    json_format,
+    strict_args,
+)
 
 
-def check_tool_choice(body: ChatCompletionRequest | TokenizeChatRequest) -> None:
+def _format(body: ChatCompletionRequest | TokenizeChatRequest) -> tuple[FinalRule, ResponseFormat | None]:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return FinalRule(), None
+    spec = fmt.json_schema
+    if fmt.type == "json_schema" and spec is None:
+        raise APIError(400, "response_format json_schema needs `json_schema`", param="response_format")
+    return json_format(
+        fmt.type,
+        spec.schema_ if spec else None,
+        spec.name if spec else None,
+        spec.description if spec else None,
+        "response_format.json_schema",
+    )
+
+
+def turn_rules(body: ChatCompletionRequest) -> TurnRules:
+    """The structured-output rules of a chat turn (``server.structured``)."""
+    final, _ = _format(body)
+    tools = () if body.tool_choice == "none" else (body.tools or ())
+    calls = [call_rule(t.function.name, t.function.parameters, bool(t.function.strict)) for t in tools]
+    rules = TurnRules(final, calls, constrained=final != FinalRule() or strict_args(calls))
+    if rules.constrained and final == FinalRule():
+        rules.param = "tools"
     choice = body.tool_choice
-    if choice == "required" or (choice is not None and not isinstance(choice, str)):
-        raise APIError(
-            400,
-            "tool_choice `required` or a named function needs constrained decoding, which this server does "
-            "not support yet; use `auto` or `none`.",
-            param="tool_choice",
-            code="unsupported_tool_choice",
-        )
+    forced = [call_rule(t.function.name, t.function.parameters, True) for t in tools]
+    apply_choice(rules, choice.function.name if isinstance(choice, NamedToolChoice) else choice, forced)
+    return rules
 
 
 def _text(content: str | list[TextPart] | None) -> str:
@@ -49,7 +83,7 @@ def _turn(message: ChatMessage) -> Turn:
 
 
 def conversation_of(body: ChatCompletionRequest | TokenizeChatRequest, state: ServerState) -> Conversation:
-    check_tool_choice(body)
+    _, response_format = _format(body)
     effort = body.reasoning_effort or (body.reasoning.effort if body.reasoning else None)
     tools = () if body.tool_choice == "none" else (body.tools or ())
     return Conversation(
@@ -59,6 +93,7 @@ def conversation_of(body: ChatCompletionRequest | TokenizeChatRequest, state: Se
         ),
         reasoning_effort=effort or state.settings.default_reasoning_effort,
         date=state.prompt_date(),
+        response_formats=(response_format,) if response_format else (),
     )
 
 
@@ -73,10 +108,11 @@ async def render_chat(
         raise APIError(400, exc.message, param=exc.param) from exc
 
 
-def engine_requests(
+async def engine_requests(
     body: ChatCompletionRequest, prompt: RenderedPrompt, state: ServerState
 ) -> list[EngineRequest]:
-    """One engine request per choice (``n``), all on the same prompt."""
+    """One engine request per choice (``n``), all on the same prompt, each with its own
+    constraint when the request has structured-output rules."""
     if body.max_completion_tokens is not None:
         limit = OutputLimit(
             body.max_completion_tokens, "max_completion_tokens", state.settings.max_output_tokens
@@ -84,7 +120,7 @@ def engine_requests(
     else:
         limit = OutputLimit(body.max_tokens, "max_tokens", state.settings.max_output_tokens)
     top = body.top_logprobs if body.top_logprobs is not None else 0
-    return [
+    requests = [
         EngineRequest(
             prompt.token_ids,
             sampling_params(
@@ -100,3 +136,8 @@ def engine_requests(
         )
         for i in range(body.n)
     ]
+    rules = turn_rules(body)
+    effort = body.reasoning_effort or (body.reasoning.effort if body.reasoning else None)
+    guide = RequestGuide(rules, body.max_reasoning_tokens, effort or state.settings.default_reasoning_effort)
+    await attach_guides(requests, guide, state.grammar_compiler, rules.param)
+    return requests

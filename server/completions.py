@@ -23,6 +23,7 @@ from server.protocol import CompletionRequest
 from server.sampling import OutputLimit, sampling_params, stop_strings
 from server.sse import data_stream, sse_response
 from server.state import ServerState, get_state, request_id_of
+from server.structured import RequestGuide, attach_guides, completion_content
 from server.text_output import TextAssembler
 from server.wire import (
     CompletionChoice,
@@ -61,14 +62,14 @@ def prompts_of(body: CompletionRequest, tokenizer: HarmonyTokenizer) -> list[lis
     return prompts
 
 
-def engine_requests(
+async def engine_requests(
     body: CompletionRequest, prompts: list[list[int]], state: ServerState
 ) -> list[EngineRequest]:
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
     limit = OutputLimit(body.max_tokens, "max_tokens", DEFAULT_MAX_TOKENS)
     stop_ids = [] if body.ignore_eos else COMPLETION_STOP_IDS
-    return [
+    requests = [
         EngineRequest(
             prompt,
             sampling_params(
@@ -86,6 +87,9 @@ def engine_requests(
         for p, prompt in enumerate(prompts)
         for j in range(body.n)
     ]
+    guide = RequestGuide(None, body.max_reasoning_tokens, content=completion_content(body))
+    await attach_guides(requests, guide, state.grammar_compiler, "structured_outputs")
+    return requests
 
 
 class CompletionChunks:
@@ -189,7 +193,7 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = await asyncio.to_thread(prompts_of, body, tokenizer)  # long prompts: off the loop
     if state.settings.log_requests:
         text_logger.info("%s prompts: %r", request_id, [tokenizer.decode_with_specials(p) for p in prompts])
-    requests = engine_requests(body, prompts, state)
+    requests = await engine_requests(body, prompts, state)
     stops = stop_strings(body.stop)
     assemblers = [
         TextAssembler(i, tokenizer, stops, skip_special=body.skip_special_tokens)

@@ -69,6 +69,25 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatParam(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+MaxReasoningTokens = Annotated[int, Field(ge=0)] | None
+MAX_REASONING_DOC = (
+    "Analysis tokens allowed before the server closes the reasoning (default for a constrained "
+    "request: a share of the output limit by effort, low 1/4, medium 1/2, high 3/4)."
+)
+
+
 class ReasoningOptions(_Lenient):
     effort: ReasoningEffort | None = None
 
@@ -115,6 +134,8 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: ReasoningEffort | None = None
     reasoning: ReasoningOptions | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    response_format: ResponseFormatParam | None = None
+    max_reasoning_tokens: MaxReasoningTokens = Field(default=None, description=MAX_REASONING_DOC)
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     include_reasoning: bool = Field(default=True, description="False drops the reasoning fields.")
@@ -133,6 +154,7 @@ class CompletionRequest(SamplingFields):
         description="Raw (Harmony) prompt text with special tokens written as text, or token ids; or a list."
     )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    max_reasoning_tokens: MaxReasoningTokens = Field(default=None, description=MAX_REASONING_DOC)
     skip_special_tokens: bool = Field(default=False, description="True drops special tokens from `text`.")
 
 
@@ -141,6 +163,7 @@ class TokenizeChatRequest(_Lenient):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    response_format: ResponseFormatParam | None = None
     reasoning_effort: ReasoningEffort | None = None
     reasoning: ReasoningOptions | None = None
 

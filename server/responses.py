@@ -33,18 +33,21 @@ from server.responses_input import (
     offered_tools,
     request_items,
     stored_items,
+    turn_rules,
 )
 from server.responses_protocol import (
     FunctionCallOutputItem,
     HostedTool,
     InputItem,
     InputTokensRequest,
+    NamedTool,
     ResponsesRequest,
 )
 from server.responses_wire import DeletedResponse, InputItemList, InputTokens, ReasoningConfig, ResponseBody
 from server.sampling import OutputLimit, max_tokens_for, sampling_params
 from server.sse import sse_frame, sse_response
 from server.state import ServerState, get_state, request_id_of
+from server.structured import RequestGuide, attach_guides
 from server.wire import documented_errors
 
 logger = logging.getLogger("server.responses")
@@ -139,16 +142,20 @@ async def create_response(body: ResponsesRequest, request: Request):
         stop_token_ids=prompt.stop_token_ids,
         logprobs=None,
     )
+    rules = turn_rules(body, offered)
+    effort = (body.reasoning.effort if body.reasoning else None) or state.settings.default_reasoning_effort
+    engine_request = EngineRequest(prompt.token_ids, params)
+    guide = RequestGuide(rules, body.max_reasoning_tokens, effort)
+    await attach_guides([engine_request], guide, state.grammar_compiler, rules.param)
     assembler = HarmonyAssembler(0, state.require_tokenizer(), [], join="")  # each message its own item
     generation = open_generation(
         state,
         request_id,
-        [EngineRequest(prompt.token_ids, params)],
+        [engine_request],
         [assembler],
         kind="resp_",
         prompt_param="input",
     )
-    effort = (body.reasoning.effort if body.reasoning else None) or state.settings.default_reasoning_effort
     response = ResponseBody(
         id=generation.response_id,
         created_at=time.time(),
@@ -159,7 +166,9 @@ async def create_response(body: ResponsesRequest, request: Request):
             for t in body.tools or ()
             if not isinstance(t, HostedTool)
         ],
-        tool_choice=body.tool_choice if isinstance(body.tool_choice, str) else "auto",
+        tool_choice=body.tool_choice.model_dump(mode="json", exclude_none=True)
+        if isinstance(body.tool_choice, NamedTool)
+        else body.tool_choice or "auto",
         parallel_tool_calls=body.parallel_tool_calls is not False,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -170,6 +179,9 @@ async def create_response(body: ResponsesRequest, request: Request):
         truncation=body.truncation or "disabled",
         metadata=body.metadata or {},
         user=body.user,
+        text=body.text.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if body.text and body.text.format
+        else {"format": {"type": "text"}},
     )
     sealer = state.sealer if ENCRYPTED_REASONING in (body.include or ()) else None
     builder = ResponseBuilder(response, sealer, offered.names)

@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
 
-from harmony.conversation import Conversation, FunctionTool, ToolCall, Turn
+from harmony.conversation import Conversation, FunctionTool, ResponseFormat, ToolCall, Turn
 from server.errors import APIError
+from server.guided_grammar import CallRule, FinalRule
 from server.reasoning_seal import ReasoningSealer, SealError
 from server.responses_protocol import (
     CustomToolCallItem,
@@ -40,6 +41,7 @@ from server.responses_protocol import (
     InputItem,
     InputText,
     MessageItem,
+    NamedTool,
     NamespaceTool,
     OtherItem,
     OtherPart,
@@ -47,6 +49,7 @@ from server.responses_protocol import (
     ResponsesRequest,
 )
 from server.state import ServerState
+from server.structured import TurnRules, apply_choice, call_rule, json_format, strict_args
 
 logger = logging.getLogger("server.responses")
 ITEMS = TypeAdapter(list[InputItem])
@@ -69,6 +72,7 @@ class ToolName:
 class Offered:
     tools: tuple[FunctionTool, ...] = ()
     names: dict[str, ToolName] = field(default_factory=dict)  # prompt name -> API name
+    declared: dict[str, FunctionToolParam | CustomToolParam] = field(default_factory=dict)  # prompt name ->
     dropped: list[str] = field(default_factory=list)  # hosted tools this server does not run
 
     def prompt_name(self, name: str, namespace: str | None) -> str:
@@ -86,6 +90,7 @@ class Offered:
             return  # a repeated name: the first declaration stands
         custom = isinstance(tool, CustomToolParam)
         self.names[name] = ToolName(tool.name, namespace, custom)
+        self.declared[name] = tool
         parameters = FREEFORM_PARAMETERS if custom else tool.parameters  # type: ignore[union-attr]
         self.tools += (FunctionTool(name, tool.description or "", parameters),)
 
@@ -100,16 +105,6 @@ def offered_tools(body: ResponsesRequest) -> Offered:
     """Function and custom tools (flat, or grouped in namespaces) are offered; hosted ones are
     dropped; ``tool_choice: none`` offers nothing."""
     offered = Offered()
-    if body.tool_choice == "required" or (
-        body.tool_choice is not None and not isinstance(body.tool_choice, str)
-    ):
-        raise APIError(
-            400,
-            "tool_choice `required` or a named tool needs constrained decoding, which this server does not "
-            "support yet; use `auto` or `none`.",
-            param="tool_choice",
-            code="unsupported_tool_choice",
-        )
     grouped: list[tuple[FunctionToolParam | CustomToolParam, str | None]] = []
     for tool in body.tools or ():
         if isinstance(tool, FunctionToolParam | CustomToolParam):
@@ -199,14 +194,58 @@ def turns_of(items: list[InputItem], sealer: ReasoningSealer, offered: Offered) 
     return turns
 
 
+def text_format(body: ResponsesRequest) -> tuple[FinalRule, ResponseFormat | None]:
+    fmt = body.text.format if body.text else None
+    if fmt is None or fmt.type == "text":
+        return FinalRule(), None
+    return json_format(fmt.type, fmt.schema_, fmt.name, fmt.description, "text.format")
+
+
+def _custom_body(tool: CustomToolParam) -> tuple[str, str]:
+    fmt = tool.format or {}
+    if fmt.get("type") == "grammar":
+        syntax, definition = fmt.get("syntax"), fmt.get("definition")
+        if syntax not in ("lark", "regex") or not isinstance(definition, str):
+            raise APIError(400, "a custom tool grammar needs `syntax` lark or regex and a `definition`",
+                           param="tools")  # fmt: skip
+        return syntax, definition
+    return "text", ""
+
+
+def turn_rules(body: ResponsesRequest, offered: Offered) -> TurnRules:
+    """The structured-output rules of a Responses turn (``server.structured``); ``strict`` is
+    true unless a function says false, as on OpenAI's Responses API."""
+    final, _ = text_format(body)
+
+    def rule(name: str, tool: FunctionToolParam | CustomToolParam, forced: bool) -> CallRule:
+        if isinstance(tool, CustomToolParam):
+            return CallRule(name, _custom_body(tool))
+        return call_rule(name, tool.parameters, forced or tool.strict is not False)
+
+    calls = [rule(name, tool, False) for name, tool in offered.declared.items()]
+    rules = TurnRules(final, calls, constrained=final != FinalRule() or strict_args(calls))
+    if rules.constrained and final == FinalRule():
+        rules.param = "tools"
+    choice = body.tool_choice
+    if isinstance(choice, NamedTool):
+        if choice.type not in ("function", "custom") or not choice.name:
+            raise APIError(400, f"tool_choice of type `{choice.type}` is not supported", param="tool_choice")
+        namespace = getattr(choice, "namespace", None)
+        choice = offered.prompt_name(choice.name, namespace)  # type: ignore[assignment]
+    apply_choice(rules, choice, [rule(name, tool, True) for name, tool in offered.declared.items()])
+    return rules
+
+
 def conversation_of(
     body: ResponsesRequest, items: list[InputItem], offered: Offered, state: ServerState
 ) -> Conversation:
     head = [Turn("developer", body.instructions)] if body.instructions else []
+    _, response_format = text_format(body)
     effort = body.reasoning.effort if body.reasoning and body.reasoning.effort else None
     return Conversation(
         turns=tuple(head + turns_of(items, state.sealer, offered)),
         tools=offered.tools,
+        response_formats=(response_format,) if response_format else (),
         reasoning_effort=effort or state.settings.default_reasoning_effort,
         date=state.prompt_date(),
     )

@@ -12,7 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag
 
-from server.protocol import NonEmpty, ReasoningEffort, SamplerFields, _Lenient
+from server.protocol import (
+    MAX_REASONING_DOC,
+    MaxReasoningTokens,
+    NonEmpty,
+    ReasoningEffort,
+    SamplerFields,
+    _Lenient,
+)
 
 
 class InputText(_Lenient):
@@ -177,6 +184,18 @@ class NamedTool(_Lenient):
     name: str | None = None
 
 
+class TextFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | str | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextParam(_Lenient):
+    format: TextFormat | None = None
+
+
 class ReasoningParam(_Lenient):
     effort: ReasoningEffort | None = None
     summary: str | None = None
@@ -201,7 +220,8 @@ class ResponsesRequest(SamplerFields):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
     client_metadata: dict[str, Any] | None = None
-    text: dict[str, Any] | None = None
+    text: TextParam | None = None
+    max_reasoning_tokens: MaxReasoningTokens = Field(default=None, description=MAX_REASONING_DOC)
 
 
 class InputTokensRequest(_Lenient):
@@ -215,3 +235,4 @@ class InputTokensRequest(_Lenient):
     reasoning: ReasoningParam | None = None
     previous_response_id: str | None = None
     truncation: Literal["auto", "disabled"] | None = None
+    text: TextParam | None = None

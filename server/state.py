@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from fastapi import Request
 from engine.types import EngineClient
 from harmony.tokenizer import HarmonyTokenizer
 from server.errors import APIError
+from server.guided import GrammarCompiler
 from server.lifecycle import DrainController
 from server.metrics import ServerMetrics
 from server.reasoning_seal import ReasoningSealer
@@ -34,6 +36,14 @@ class ServerState:
     on_fatal: Callable[[], None] | None = None  # set by the runner: stop the process (exit 1)
     response_store: ResponseStore | None = None  # opened by the lifespan
     sealer: ReasoningSealer = field(default_factory=lambda: ReasoningSealer(None))
+    _compiler: GrammarCompiler | None = None  # built on the first constrained request (~1 s)
+    _compiler_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def grammar_compiler(self) -> GrammarCompiler:
+        async with self._compiler_lock:
+            if self._compiler is None:
+                self._compiler = await asyncio.to_thread(GrammarCompiler, self.require_tokenizer())
+            return self._compiler
 
     @property
     def model_names(self) -> list[str]:

@@ -108,7 +108,11 @@ class ScriptedSampler:
         self.sampler = sampler
         self.source = source
 
-    def __call__(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> SamplerOutput:
+    def fill_masks(self, seqs: list[EngineSequence]):
+        return self.sampler.fill_masks(seqs)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[EngineSequence], masks=None) -> SamplerOutput:
+        """``masks`` are ignored: a script says which tokens come, constrained or not."""
         if not seqs:
             return SamplerOutput([], [])
         chosen = [int(self.source(s.prompt_ids, s.output_ids)) for s in seqs]

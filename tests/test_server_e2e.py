@@ -252,12 +252,13 @@ def test_errors(server):
     assert_error(httpx.post(url, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     assert_error(httpx.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400)
     assert_error(httpx.post(url, json={**ok, "reasoning_effort": "extreme"}), 400, "reasoning_effort")
-    err = assert_error(
-        httpx.post(url, json={**ok, "tools": TOOLS, "tool_choice": "required"}), 400, "tool_choice"
-    )
-    assert "constrained decoding" in err["message"]
-    named = {"type": "function", "function": {"name": "get_weather"}}
+    err = assert_error(httpx.post(url, json={**ok, "tool_choice": "required"}), 400, "tool_choice")
+    assert "at least one tool" in err["message"]
+    named = {"type": "function", "function": {"name": "get_time"}}
     assert_error(httpx.post(url, json={**ok, "tools": TOOLS, "tool_choice": named}), 400, "tool_choice")
+    bad_schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wat"}}}
+    err = assert_error(httpx.post(url, json={**ok, "response_format": bad_schema}), 400, "response_format")
+    assert err["code"] == "invalid_grammar" and "wat" in err["message"]
     assert_error(httpx.post(url, json={**ok, "messages": [{"role": "tool", "content": "x"}]}), 400)
     assert (
         assert_error(httpx.post(url, json={**ok, "model": "gpt-5"}), 404, "model")["code"]
@@ -287,7 +288,7 @@ def test_errors(server):
 
 def test_sdk_maps_errors(client):
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=MODEL, messages=user("x"), tool_choice="required", tools=TOOLS)
+        client.chat.completions.create(model=MODEL, messages=user("x"), tool_choice="required")
     assert exc.value.body["param"] == "tool_choice"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=user("x"))

@@ -1,0 +1,130 @@
+"""The cost of constrained decoding, on a random checkpoint, in one run:
+
+    python bench/constrained.py [--preset small] [--concurrency 16] [--rounds 3]
+
+- unconstrained decoding with the feature present (requests without a constraint) against the
+  same engine with the mask step switched off, alternated A B A B; the ratio should be ~1;
+- every request constrained to a JSON Schema (through the server's own guide: Harmony turn,
+  reasoning budget), output tokens/s, and the mean time per step spent filling masks (on the
+  worker, overlapped with the forward pass) and waiting for them after the forward pass.
+Medians over the rounds; greedy; ``c`` requests in flight as one batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.types import SamplingParams
+from harmony import tokens
+from harmony.tokenizer import load_tokenizer
+from model.checkpoint import make_checkpoint
+from server.guided import GrammarCompiler
+from server.guided_grammar import FinalRule
+from server.structured import RequestGuide, TurnRules
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+PROMPT = "<|start|>user<|message|>Extract the person.<|end|><|start|>assistant"
+
+
+def run(engine: LLMEngine, params: list[SamplingParams], prompt: list[int]) -> tuple[float, int]:
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}-{time.monotonic_ns()}", prompt, p)
+    out = 0
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        out += sum(len(o.token_ids) for o in engine.step())
+    return time.perf_counter() - t0, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args(argv)
+    tokenizer = load_tokenizer()
+    compiler = GrammarCompiler(tokenizer)
+    prompt = tokenizer.encode_with_specials(PROMPT)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = make_checkpoint(Path(tmp), preset=args.preset, layout="hf", seed=0)
+        engine = LLMEngine(EngineConfig(model_dir=str(ckpt), dtype=args.dtype, max_num_seqs=args.concurrency))
+        c, n = args.concurrency, args.output_len
+
+        def plain() -> list[SamplingParams]:
+            return [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _ in range(c)]
+
+        guide = RequestGuide(TurnRules(FinalRule(schema=SCHEMA), constrained=True), max_reasoning_tokens=16)
+
+        def constrained() -> list[SamplingParams]:
+            return [
+                SamplingParams(
+                    temperature=0.0,
+                    max_tokens=n,
+                    stop_token_ids=[tokens.RETURN, tokens.CALL],
+                    constraint=compiler.constraint(guide.guide(n)),
+                )
+                for _ in range(c)
+            ]
+
+        start_masks = engine._start_masks
+        fill = engine.sampler.fill_masks
+        fill_s: list[float] = []
+
+        def timed_fill(seqs):
+            t = time.perf_counter()
+            try:
+                return fill(seqs)
+            finally:
+                fill_s.append(time.perf_counter() - t)
+
+        engine.sampler.fill_masks = timed_fill  # type: ignore[method-assign]
+        run(engine, plain(), prompt)  # warm-up
+        on, off, guided, steps = [], [], [], []
+        for _ in range(args.rounds):
+            seconds, count = run(engine, plain(), prompt)
+            on.append(count / seconds)
+            engine._start_masks = lambda seqs: None  # type: ignore[method-assign]  # the feature off
+            seconds, count = run(engine, plain(), prompt)
+            off.append(count / seconds)
+            engine._start_masks = start_masks  # type: ignore[method-assign]
+            fill_s.clear()
+            seconds, count = run(engine, constrained(), prompt)
+            guided.append(count / seconds)
+            steps.append(statistics.mean(fill_s) * 1e3)
+    med = statistics.median
+    print(f"machine: {platform.processor() or platform.machine()}, preset {args.preset} {args.dtype}, "
+          f"c={c}, {n} output tokens, {args.rounds} rounds (medians)")  # fmt: skip
+    print("| workload | output tok/s | ratio |")
+    print("|---|---|---|")
+    print(f"| unconstrained, mask step off | {med(off):.1f} | 1.00 |")
+    print(f"| unconstrained, feature present | {med(on):.1f} | {med(on) / med(off):.3f} |")
+    print(f"| every request held to a JSON Schema | {med(guided):.1f} | {med(guided) / med(off):.3f} |")
+    print(
+        f"mean mask fill per step ({c} rows, on the worker, overlapped with the forward): {med(steps):.2f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
