@@ -169,3 +169,70 @@ def test_bad_schemas_and_grammars_are_a_400_before_queueing(server):
         r = post(server, path, body)
         assert r.status_code == 400, (path, r.text)
         assert r.json()["error"]["param"] == param
+
+
+NESTED = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 999},
+        "kind": {"enum": ["a", "b", None]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+        "where": {"anyOf": [{"type": "boolean"}, {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}}]},
+        "note": {"type": "string", "maxLength": 4},
+    },
+    "required": ["id", "kind", "tags"],
+}  # fmt: skip
+
+
+def _stream_text(server, path: str, body: dict) -> tuple[str, str]:
+    """(answer text, how it ended) of a streamed chat completion or response."""
+    text, end = "", ""
+    with httpx.stream(
+        "POST", server.url + path, json={"model": MODEL, "stream": True, **body}, timeout=120
+    ) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: ") :])
+            if path.endswith("chat/completions"):
+                for choice in event.get("choices", []):
+                    text += choice["delta"].get("content") or ""
+                    end = choice.get("finish_reason") or end
+            elif event["type"] == "response.output_text.delta":
+                text += event["delta"]
+            elif event["type"] in ("response.completed", "response.incomplete", "response.failed"):
+                end = event["type"]
+    return text, end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_fifty_seeds_on_chat_and_responses_all_validate(server, stream):
+    """Temperature 1, 50 seeds, each surface: every answer parses, validates, finishes stop."""
+    fmt_chat = {"type": "json_schema", "json_schema": {"name": "thing", "schema": NESTED}}
+    fmt_resp = {"type": "json_schema", "name": "thing", "schema": NESTED}
+    common = {"temperature": 1, "max_reasoning_tokens": 4}
+
+    def one(seed: int, surface: str) -> tuple[str, str]:
+        if surface == "chat":
+            body = {"messages": [{"role": "user", "content": "Go"}], "response_format": fmt_chat, "max_tokens": 96,
+                    "seed": seed, **common}  # fmt: skip
+            if stream:
+                return _stream_text(server, "/v1/chat/completions", body)
+            choice = post(server, "/v1/chat/completions", body).json()["choices"][0]
+            return choice["message"]["content"], choice["finish_reason"]
+        body = {"input": "Go", "text": {"format": fmt_resp}, "max_output_tokens": 96, "seed": seed, **common}
+        if stream:
+            return _stream_text(server, "/v1/responses", body)
+        response = Response.model_validate(post(server, "/v1/responses", body).json())
+        return response.output_text, f"response.{response.status}"
+
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(
+            pool.map(lambda job: one(*job), [(s, k) for s in range(50) for k in ("chat", "responses")])
+        )
+    for text, end in results:
+        assert end in ("stop", "response.completed"), (text, end)
+        jsonschema.validate(json.loads(text), NESTED)

@@ -94,6 +94,7 @@ def run_batch(engine, compiler, rules: TurnRules, max_tokens: int = 160) -> list
     return [(results[k], reasons[k]) for k in results]
 
 
+@pytest.mark.slow
 @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(schema=object_schemas)
 def test_structured_answers_validate_for_generated_schemas(engine, compiler, schema):
