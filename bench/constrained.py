@@ -45,6 +45,13 @@ SCHEMA = {
 PROMPT = "<|start|>user<|message|>Extract the person.<|end|><|start|>assistant"
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def run(engine: LLMEngine, params: list[SamplingParams], prompt: list[int]) -> tuple[float, int]:
     for i, p in enumerate(params):
         engine.add_request(f"r{i}-{time.monotonic_ns()}", prompt, p)
@@ -101,19 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         engine.sampler.fill_masks = timed_fill  # type: ignore[method-assign]
         run(engine, plain(), prompt)  # warm-up
         on, off, guided, steps = [], [], [], []
-        for _ in range(args.rounds):
-            seconds, count = run(engine, plain(), prompt)
-            on.append(count / seconds)
-            engine._start_masks = lambda seqs: None  # type: ignore[method-assign]  # the feature off
-            seconds, count = run(engine, plain(), prompt)
-            off.append(count / seconds)
-            engine._start_masks = start_masks  # type: ignore[method-assign]
+        for r in range(args.rounds):
+            for feature in ("on", "off") if r % 2 == 0 else ("off", "on"):  # A B B A: no order bias
+                if feature == "off":
+                    engine._start_masks = lambda seqs: None  # type: ignore[method-assign]
+                seconds, count = run(engine, plain(), prompt)
+                (on if feature == "on" else off).append(count / seconds)
+                engine._start_masks = start_masks  # type: ignore[method-assign]
             fill_s.clear()
             seconds, count = run(engine, constrained(), prompt)
             guided.append(count / seconds)
             steps.append(statistics.mean(fill_s) * 1e3)
     med = statistics.median
-    print(f"machine: {platform.processor() or platform.machine()}, preset {args.preset} {args.dtype}, "
+    print(f"machine: {cpu_model()}, preset {args.preset} {args.dtype}, "
           f"c={c}, {n} output tokens, {args.rounds} rounds (medians)")  # fmt: skip
     print("| workload | output tok/s | ratio |")
     print("|---|---|---|")
