@@ -30,7 +30,6 @@ from server.structured import (
     attach_guides,
     call_rule,
     json_format,
-    strict_args,
 )
 
 
@@ -55,9 +54,7 @@ def turn_rules(body: ChatCompletionRequest) -> TurnRules:
     final, _ = _format(body)
     tools = () if body.tool_choice == "none" else (body.tools or ())
     calls = [call_rule(t.function.name, t.function.parameters, bool(t.function.strict)) for t in tools]
-    rules = TurnRules(final, calls, constrained=final != FinalRule() or strict_args(calls))
-    if rules.constrained and final == FinalRule():
-        rules.param = "tools"
+    rules = TurnRules.of(final, calls, format_param="response_format")
     choice = body.tool_choice
     forced = [call_rule(t.function.name, t.function.parameters, True) for t in tools]
     apply_choice(rules, choice.function.name if isinstance(choice, NamedToolChoice) else choice, forced)

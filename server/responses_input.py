@@ -49,7 +49,7 @@ from server.responses_protocol import (
     ResponsesRequest,
 )
 from server.state import ServerState
-from server.structured import TurnRules, apply_choice, call_rule, json_format, strict_args
+from server.structured import TurnRules, apply_choice, call_rule, json_format
 
 logger = logging.getLogger("server.responses")
 ITEMS = TypeAdapter(list[InputItem])
@@ -223,9 +223,7 @@ def turn_rules(body: ResponsesRequest, offered: Offered) -> TurnRules:
         return call_rule(name, tool.parameters, forced or tool.strict is not False)
 
     calls = [rule(name, tool, False) for name, tool in offered.declared.items()]
-    rules = TurnRules(final, calls, constrained=final != FinalRule() or strict_args(calls))
-    if rules.constrained and final == FinalRule():
-        rules.param = "tools"
+    rules = TurnRules.of(final, calls, format_param="text.format")
     choice = body.tool_choice
     if isinstance(choice, NamedTool):
         if choice.type not in ("function", "custom") or not choice.name:

@@ -41,6 +41,14 @@ class TurnRules:
     constrained: bool = False  # some rule goes beyond the free turn
     param: str = "response_format"  # the field a compile error names
 
+    @classmethod
+    def of(cls, final: FinalRule, calls: list[CallRule], format_param: str) -> TurnRules:
+        """A turn with an answer format and the offered calls: constrained when either goes
+        beyond the free turn; a compile error then names the format, or else the tools."""
+        constrained = final != FinalRule() or strict_args(calls)
+        param = format_param if final != FinalRule() or not constrained else "tools"
+        return cls(final, calls, constrained=constrained, param=param)
+
 
 @dataclass
 class RequestGuide:
