@@ -133,6 +133,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, max_num_seqs: int) 
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         dequantize_experts=not args.packed_experts,
+        kernels=args.kernels,
     )
 
 
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--packed-experts", action="store_true", help="keep experts MXFP4 (default: dequantize at load)"
     )
+    ap.add_argument("--kernels", default="auto", help="kernel backend: auto, reference, native-cpu")
     ap.add_argument(
         "--overhead-steps", type=int, default=20, help="decode steps timed for the batch-64 overhead (median)"
     )

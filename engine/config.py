@@ -38,6 +38,9 @@ class EngineConfig:
     max_waiting: int = 1024  # bound of the waiting queue (QueueFullError beyond it)
     enable_prefix_caching: bool = True
     dequantize_experts: bool = False
+    # The model's kernel backend: "auto" (by device and CPU features, self-checked at load,
+    # else the reference) or a name from model.kernels.BACKENDS ("reference", "native-cpu").
+    kernels: str = "auto"
     seed: int = 0  # seeds the generator of requests that have no seed of their own
 
     def __post_init__(self) -> None:

@@ -94,7 +94,11 @@ class LLMEngine:
             from model.loader import load_model
 
             model = load_model(
-                config.model_dir, self.dtype, self.device, dequantize_experts=config.dequantize_experts
+                config.model_dir,
+                self.dtype,
+                self.device,
+                dequantize_experts=config.dequantize_experts,
+                kernels=config.kernels,
             )
         self.model = model
         self._model_config: ModelConfig = model.config

@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--block-size", type=int, default=16)
     gen.add_argument("--dequantize-experts", action="store_true")
+    gen.add_argument("--kernels", default="reference", help="kernel backend: reference, native-cpu or auto")
     gen.add_argument(
         "--logits-out", type=Path, default=None, help="save prefill logits [prompt_len, vocab] .npy"
     )
@@ -78,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     model = load_model(
-        args.model, dtype=dtype, device=args.device, dequantize_experts=args.dequantize_experts
+        args.model,
+        dtype=dtype,
+        device=args.device,
+        dequantize_experts=args.dequantize_experts,
+        kernels=args.kernels,
     )
     tokens, prefill_logits = greedy_generate(
         model, prompt, args.max_new_tokens, block_size=args.block_size,

@@ -252,14 +252,27 @@ def moe(
     router_bias: torch.Tensor,
     config: ModelConfig,
 ) -> torch.Tensor:
-    """y [T, H] (normed) -> sum over the chosen experts of w_e * expert_e(y), in y's dtype.
+    """y [T, H] (normed) -> sum over the chosen experts of w_e * expert_e(y), in y's dtype:
+    the router, then ``moe_routed``."""
+    weights, ids = route(y, router_weight, router_bias, config.experts_per_token)
+    return moe_routed(y, weights, ids, experts, config)
+
+
+def moe_routed(
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    experts: ExpertWeights,
+    config: ModelConfig,
+) -> torch.Tensor:
+    """y [T, H] (normed), routing weights [T, k] fp32 and expert ids [T, k] (``route``) ->
+    sum over the chosen experts of w_e * expert_e(y), in y's dtype.
 
     The T*k (token, expert) pairs are sorted by expert (one sort) and their inputs gathered
     once; the experts then run (see BATCHED_EXPERT_ROWS), and the routing weights and the
     scatter back to tokens run once over all pairs. The per-expert counts need one host sync.
     """
-    t, k = y.shape[0], config.experts_per_token
-    weights, ids = route(y, router_weight, router_bias, k)
+    t, k = y.shape[0], ids.shape[1]
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=config.num_experts)

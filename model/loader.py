@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ORIGINAL_DIR_NAME, ModelConfig
+from .kernels import REFERENCE, select_kernels
 from .layers import ExpertWeights
 from .mxfp4 import BYTES_PER_BLOCK, VALUES_PER_BLOCK
 from .safetensors_reader import CheckpointError, SafetensorsDir
@@ -53,7 +54,12 @@ def load_model(
     device: torch.device | str = "cpu",
     dequantize_experts: bool = False,
     progress: bool = True,
+    kernels: str = REFERENCE,
 ) -> GptOssModel:
+    """``kernels``: a backend name or ``auto`` (model/kernels/select.py); a backend other
+    than the reference is checked against it on the loaded weights before it is used. The
+    default is the reference, the oracle whose results every other test and tool compares
+    with; the engine's own default (``EngineConfig.kernels``) is ``auto``."""
     layout, wdir, config = _find_layout(Path(path))
     files = SafetensorsDir(wdir)
     device = torch.device(device)
@@ -123,8 +129,9 @@ def load_model(
     if bar is not None:
         bar.update(1)
         bar.close()
-    model = GptOssModel(config, weights, dtype)
-    model.prepack()  # a no-op off the CPU or outside bf16
+    chosen = select_kernels(kernels, device, dtype, config, weights)
+    model = GptOssModel(config, weights, dtype, chosen)
+    model.prepack()  # the kernels' one-time preparation (reference: a no-op off the CPU or outside bf16)
     return model
 
 

@@ -241,10 +241,13 @@ def paged_attention(
     v_cache: torch.Tensor | None,
     sinks: torch.Tensor,
     sm_scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, H, D]; k, v [T, KVH, D] (cache dtype); caches [KVH, blocks, block_size, D].
-    Writes k/v to the cache, then attends (softmax in fp32). Returns [T, H, D] in q's dtype."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    Writes k/v to the cache, then attends (softmax in fp32). Returns [T, H, D] in q's dtype:
+    ``out`` when given (every row is written), else a new tensor."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if plan.write_blocks is not None:
         assert k_cache is not None and v_cache is not None
         # Adjacent advanced indices after a slice stay in place: the target is [KVH, T, D].

@@ -8,10 +8,11 @@ import torch
 
 from .batch import BatchMetadata
 from .config import ModelConfig
+from .kernels import Kernels, ReferenceKernels
 from .kv_cache import KVCache
-from .layers import ExpertWeights, YarnRope, moe, rms_norm
-from .paged_attention import build_plan, paged_attention
-from .prepacked import PrepackedLinear, prepack_available
+from .layers import ExpertWeights, YarnRope, rms_norm, route
+from .paged_attention import build_plan
+from .prepacked import PrepackedLinear
 
 
 @dataclass
@@ -34,32 +35,34 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # [H] fp32
     unembedding: torch.Tensor  # [V, H]
-    unembedding_prepacked: PrepackedLinear | None = None  # CPU bf16 fast path (``prepack``)
+    unembedding_prepacked: PrepackedLinear | None = None  # CPU bf16 fast path (reference kernels)
 
 
 class GptOssModel(torch.nn.Module):
-    """Weights are plain tensors (inference only, possibly memory-mapped), not parameters."""
+    """Weights are plain tensors (inference only, possibly memory-mapped), not parameters.
+    The matmuls, attention and experts run through ``kernels`` (model/kernels/; the
+    reference backend unless the loader chose another)."""
 
-    def __init__(self, config: ModelConfig, weights: ModelWeights, dtype: torch.dtype) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: ModelWeights, dtype: torch.dtype, kernels: Kernels | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.weights = weights
         self.dtype = dtype
         self.device = weights.embedding.device
         self.rope = YarnRope(config, self.device)
+        self.kernels: Kernels = kernels if kernels is not None else ReferenceKernels(self.device, dtype)
 
-    def prepack(self) -> bool:
-        """Prepack the unembedding and dense experts for oneDNN where that path exists (bf16
-        on the CPU; see model/prepacked.py). Same results, faster small-batch matmuls.
-        Returns whether anything was prepacked. (The attention projections are left plain:
-        prepacking them saved ~1% of a decode step and cost 1.3 GB more memory on the 20b.)"""
-        if not prepack_available(self.device, self.dtype) or self.weights.unembedding.dtype != self.dtype:
-            return False
-        self.weights.unembedding_prepacked = PrepackedLinear(self.weights.unembedding)
+    def prepack(self) -> None:
+        """Let the kernels put the experts and the unembedding in the form they read, once,
+        at load. The reference prepacks dense experts and the unembedding for oneDNN where
+        that path exists (bf16 on the CPU; see model/prepacked.py): same results, faster
+        small-batch matmuls. (The attention projections are left plain: prepacking them saved
+        ~1% of a decode step and cost 1.3 GB more memory on the 20b.)"""
+        self.kernels.prepare_lm_head(self.weights)
         for layer in self.weights.layers:
-            if layer.experts.mlp1_dense is not None and layer.experts.mlp1_dense.dtype == self.dtype:
-                layer.experts.prepack()
-        return True
+            layer.experts = self.kernels.prepare_experts(layer.experts, self.config)
 
     def weights_nbytes(self) -> int:
         """Bytes of all weight tensors as held (packed experts count at 4.25 bits)."""
@@ -71,7 +74,11 @@ class GptOssModel(torch.nn.Module):
             tensors.append(w.unembedding_prepacked.weight)
         for layer in w.layers:
             tensors += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
-            tensors += [v for v in vars(layer.experts).values() if isinstance(v, torch.Tensor)]
+            for held in vars(layer.experts).values():
+                if isinstance(held, torch.Tensor):
+                    tensors.append(held)
+                elif hasattr(held, "__dict__"):  # a backend's own layout (native_cpu.PackedExperts)
+                    tensors += [v for v in vars(held).values() if isinstance(v, torch.Tensor)]
             tensors += [p.weight for pair in layer.experts.prepacked or [] for p in pair]
         for t in tensors:
             if id(t) not in seen:
@@ -88,6 +95,7 @@ class GptOssModel(torch.nn.Module):
         the rows it uses: at batch 64 an fp32 copy of every row would be a 51 MB pass)."""
         c = self.config
         w = self.weights
+        ops = self.kernels
         if kv_cache is not None and kv_cache.config.num_layers != c.num_layers:
             raise ValueError("KV cache was built for a different model")
         block_size = kv_cache.block_size if kv_cache is not None else 1
@@ -106,7 +114,7 @@ class GptOssModel(torch.nn.Module):
         for i, layer in enumerate(w.layers):
             # Attention half.
             y = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
-            qkv = torch.nn.functional.linear(y, layer.qkv_weight, layer.qkv_bias)
+            qkv = ops.linear(y, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : c.q_dim].view(t, c.num_heads, c.head_dim)
             k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].view(t, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_dim + c.kv_dim :].view(t, c.num_kv_heads, c.head_dim)
@@ -116,19 +124,20 @@ class GptOssModel(torch.nn.Module):
             q = YarnRope.apply(q, cos, sin)
             k = YarnRope.apply(k, cos, sin)
             sliding = c.is_sliding(i)
-            attn = paged_attention(
+            attn = ops.attention(
                 plans[sliding], q, k, v,
                 kv_cache.k[i] if kv_cache is not None else None,
                 kv_cache.v[i] if kv_cache is not None else None,
                 layer.sinks, c.sm_scale,
             )  # fmt: skip
             attn = attn.reshape(t, c.q_dim)
-            x = x + torch.nn.functional.linear(attn, layer.out_weight, layer.out_bias)
-            # MoE half.
+            x = x + ops.linear(attn, layer.out_weight, layer.out_bias)
+            # MoE half: the router in fp32 here (the same on every backend), the experts there.
             y = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
-            x = x + moe(y, layer.experts, layer.router_weight, layer.router_bias, c)
+            routing_weights, expert_ids = route(
+                y, layer.router_weight, layer.router_bias, c.experts_per_token
+            )
+            x = x + ops.moe(y, routing_weights, expert_ids, layer.experts, c)
         x = x.index_select(0, meta.logits_indices.to(self.device))
         x = rms_norm(x, w.norm, c.rms_norm_eps)
-        if w.unembedding_prepacked is not None:
-            return w.unembedding_prepacked(x)
-        return torch.nn.functional.linear(x, w.unembedding)
+        return ops.lm_head(x, w)

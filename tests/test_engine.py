@@ -27,6 +27,7 @@ from engine.types import (
 )
 from model.batch import BatchMetadata
 from model.checkpoint import make_checkpoint
+from model.kernels import available_backends
 from model.loader import load_model
 
 WINDOW = 8
@@ -39,9 +40,10 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            sliding_window=WINDOW)  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def model(ckpt: Path) -> torch.nn.Module:
-    return load_model(ckpt, torch.float32, "cpu")
+@pytest.fixture(scope="module", params=available_backends("cpu", torch.float32))
+def model(ckpt: Path, request: pytest.FixtureRequest) -> torch.nn.Module:
+    """Every test below runs on each kernel backend this machine offers (model/kernels/)."""
+    return load_model(ckpt, torch.float32, "cpu", kernels=request.param)
 
 
 def make_engine(ckpt: Path, model: torch.nn.Module, **kw: object) -> LLMEngine:

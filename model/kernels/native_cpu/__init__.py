@@ -1,0 +1,331 @@
+"""A native CPU kernel for gpt-oss's experts with the MXFP4 weights used packed (issue 16).
+
+The experts' nibbles are never rebuilt as bf16 matrices: each step streams the routed
+experts' packed rows once (about 4.25 bits per weight) and decodes them in registers
+(``moe.cpp`` has the layout and the paths). Numerics follow ``model.layers.moe``'s expert
+math with every accumulation in fp32: bf16 activations are used as they are, fp32 ones are
+split exactly into three bf16 parts (so fp32 keeps fp32 accuracy), the SwiGLU runs in fp32
+and its output is rounded once to bf16 in bf16 mode.
+
+API:
+
+- ``available() -> bool``: the extension compiled (or was found compiled) and loaded; never
+  raises. ``unavailable_reason() -> str | None`` says why not. Importing this module does not
+  compile; the first ``available()`` / ``moe_experts`` does, once per machine: the build goes
+  to ``~/.cache/gptoss-server/kernels/<key>`` (``GPTOSS_KERNEL_CACHE`` overrides the root;
+  the key hashes the sources, torch's and Python's versions and the architecture) and later
+  processes load the built library without a compiler.
+- ``isa() -> str``: the best path this CPU runs: ``amx``, ``avx512_bf16``, ``avx2``, ``generic``
+  (chosen at run time from CPUID; ``GPTOSS_NATIVE_MOE_ISA`` caps it).
+- ``PackedExperts.from_expert_weights(experts)``: one layer's packed experts re-laid out once
+  (16 output rows interleaved per byte column; same size as the checkpoint's tensors).
+- ``moe_experts(x, weights, ids, packed, swiglu_alpha, swiglu_limit, out=None) -> Tensor``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from model.layers import ExpertWeights
+
+__all__ = [
+    "ISAS",
+    "PackedExperts",
+    "available",
+    "build_in_background",
+    "build_info",
+    "is_built",
+    "isa",
+    "moe_experts",
+    "unavailable_reason",
+]
+
+# The paths, slowest first; the C++ side numbers them the same way.
+ISAS: tuple[str, ...] = ("generic", "avx2", "avx512_bf16", "amx")
+# Below this many rows (tokens, times 3 for fp32) per expert, AMX tiles do not pay for their
+# setup and the AVX-512 BF16 dot-product path runs instead (measured: bench/moe_kernel.py).
+AMX_MIN_ROWS = 4
+# Scale bytes the AMX path can fold into bf16 exponents exactly (see moe.cpp).
+_AMX_SCALE_RANGE = (2, 252)
+
+_DIR = Path(__file__).resolve().parent
+_SOURCES = ("moe.cpp", "tile_generic.h")
+_CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+_LDFLAGS = ("-fopenmp",)
+_OK_MARKER = "built.ok"
+_STALE_LOCK_SECONDS = 600  # a build takes about a minute
+
+
+@dataclass
+class _State:
+    loaded: bool = False
+    attempted: bool = False
+    reason: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    best: int = 0
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("GPTOSS_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "gptoss-server" / "kernels"
+
+
+def _build_key() -> str:
+    h = hashlib.sha256()
+    for name in _SOURCES:
+        h.update(name.encode())
+        h.update((_DIR / name).read_bytes())
+    for part in (torch.__version__, sys.version, platform.machine(), " ".join(_CFLAGS + _LDFLAGS)):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def _load() -> None:
+    """Loads the extension once per process: from the cache, else compiled into it."""
+    with _lock:
+        if _state.attempted:
+            return
+        _state.attempted = True
+        try:
+            build_dir, library = _library()
+            name = library.stem
+            started = time.perf_counter()
+            compiled = False
+            if (build_dir / _OK_MARKER).is_file() and library.is_file():
+                torch.ops.load_library(str(library))
+            else:
+                from torch.utils.cpp_extension import load
+
+                build_dir.mkdir(parents=True, exist_ok=True)
+                # torch's build lock outlives a process killed mid-build (a server stopped
+                # during its first minute), and every later build would wait on it forever.
+                lock = build_dir / "lock"
+                if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_SECONDS:
+                    lock.unlink(missing_ok=True)
+                load(
+                    name=name,
+                    sources=[str(_DIR / "moe.cpp")],
+                    extra_cflags=list(_CFLAGS),
+                    extra_ldflags=list(_LDFLAGS),
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=False,
+                )
+                (build_dir / _OK_MARKER).write_text(f"torch {torch.__version__}\n")
+                compiled = True
+            _state.best = int(torch.ops.gptoss_native.cpu_isa())
+            _state.info = {
+                "path": str(library),
+                "compiled": compiled,
+                "seconds": time.perf_counter() - started,
+                "isa": ISAS[_state.best],
+            }
+            _state.loaded = True
+        except Exception as exc:  # no compiler, no ninja, a failed build: the portable path stays
+            message = str(exc).strip().splitlines()
+            _state.reason = f"{type(exc).__name__}: {' / '.join(message[-3:]) if message else ''}"
+
+
+def _library() -> tuple[Path, Path]:
+    key = _build_key()
+    build_dir = _cache_root() / key
+    return build_dir, build_dir / f"gptoss_native_moe_{key}.so"
+
+
+def is_built() -> bool:
+    """Whether this machine's cache already holds the built library (loading it then takes
+    milliseconds; building it takes about a minute of one core)."""
+    try:
+        build_dir, library = _library()
+    except OSError:
+        return False
+    return (build_dir / _OK_MARKER).is_file() and library.is_file()
+
+
+def build_in_background() -> threading.Thread:
+    """Builds (and loads) the library on a daemon thread, so a start that did not wait for it
+    finds it built the next time."""
+    thread = threading.Thread(target=_load, name="native-moe-build", daemon=True)
+    thread.start()
+    return thread
+
+
+def available() -> bool:
+    """True when the native kernel is loaded on this machine (compiles it on first call)."""
+    _load()
+    return _state.loaded
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is False (None while it is True or before the first attempt)."""
+    return _state.reason
+
+
+def build_info() -> dict[str, Any]:
+    """How this process got the library: path, compiled (False = loaded from the cache),
+    seconds, isa. Empty when unavailable."""
+    _load()
+    return dict(_state.info)
+
+
+def _isa_level(requested: str | None) -> int:
+    cap = requested or os.environ.get("GPTOSS_NATIVE_MOE_ISA") or ISAS[-1]
+    if cap not in ISAS:
+        raise ValueError(f"unknown ISA {cap!r}; one of {', '.join(ISAS)}")
+    return min(ISAS.index(cap), _state.best)
+
+
+def isa() -> str:
+    """The path ``moe_experts`` takes on this CPU (``GPTOSS_NATIVE_MOE_ISA`` caps it)."""
+    if not available():
+        raise RuntimeError(f"native MoE kernel unavailable: {unavailable_reason()}")
+    return ISAS[_isa_level(None)]
+
+
+def _interleave_rows(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, R, G, 16] nibbles and [E, R, G] scales -> [E, R/16, G, 16, 16] (byte column outer,
+    16 rows inner) and [E, R/16, G, 16]: one 16-byte load = one byte of 16 rows."""
+    e, r, g, _ = blocks.shape
+    w = blocks.reshape(e, r // 16, 16, g, 16).permute(0, 1, 3, 4, 2).contiguous()
+    s = scales.reshape(e, r // 16, 16, g).permute(0, 1, 3, 2).contiguous()
+    return w, s
+
+
+class PackedExperts:
+    """One layer's MXFP4 experts in the kernel's layout (built once, at load).
+
+    Holds the same bytes as the checkpoint's blocks and scales, re-laid out (about 4.25 bits
+    per weight; no dense copy), and the biases in fp32. The caller may drop its own packed
+    tensors afterwards.
+    """
+
+    def __init__(
+        self,
+        mlp1_blocks: torch.Tensor,
+        mlp1_scales: torch.Tensor,
+        mlp1_bias: torch.Tensor,
+        mlp2_blocks: torch.Tensor,
+        mlp2_scales: torch.Tensor,
+        mlp2_bias: torch.Tensor,
+    ) -> None:
+        e, two_i, g1, nb = mlp1_blocks.shape
+        if nb != 16 or mlp1_scales.shape != (e, two_i, g1):
+            raise ValueError(f"mlp1 blocks/scales {tuple(mlp1_blocks.shape)}/{tuple(mlp1_scales.shape)}")
+        hidden = g1 * 32
+        inter = two_i // 2
+        if mlp2_blocks.shape != (e, hidden, inter // 32, 16) or mlp2_scales.shape != (e, hidden, inter // 32):
+            raise ValueError(f"mlp2 blocks/scales {tuple(mlp2_blocks.shape)}/{tuple(mlp2_scales.shape)}")
+        if mlp1_bias.shape != (e, two_i) or mlp2_bias.shape != (e, hidden):
+            raise ValueError(f"biases {tuple(mlp1_bias.shape)}/{tuple(mlp2_bias.shape)}")
+        if inter % 32 or hidden % 32:
+            raise ValueError("hidden and intermediate sizes must be multiples of 32")
+        for t in (mlp1_blocks, mlp1_scales, mlp2_blocks, mlp2_scales):
+            if t.dtype != torch.uint8 or t.device.type != "cpu":
+                raise TypeError("MXFP4 blocks and scales must be uint8 CPU tensors")
+        self.num_experts, self.hidden_size, self.intermediate_size = e, hidden, inter
+        self.w1, self.s1 = _interleave_rows(mlp1_blocks, mlp1_scales)
+        self.w2, self.s2 = _interleave_rows(mlp2_blocks, mlp2_scales)
+        self._bias_source = (mlp1_bias.detach(), mlp2_bias.detach())
+        self._biases: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+        lo, hi = _AMX_SCALE_RANGE
+        self.amx_safe = all(int(s.min()) >= lo and int(s.max()) <= hi for s in (self.s1, self.s2))
+
+    @classmethod
+    def from_expert_weights(cls, experts: ExpertWeights) -> PackedExperts:
+        """From a layer's packed ``ExpertWeights`` (raises ValueError if they are dense)."""
+        if not experts.packed:
+            raise ValueError("PackedExperts needs MXFP4 (packed) expert weights")
+        assert experts.mlp1_scales is not None and experts.mlp2_blocks is not None
+        assert experts.mlp1_blocks is not None and experts.mlp2_scales is not None
+        return cls(
+            experts.mlp1_blocks,
+            experts.mlp1_scales,
+            experts.mlp1_bias,
+            experts.mlp2_blocks,
+            experts.mlp2_scales,
+            experts.mlp2_bias,
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed weights and scales held (the biases not counted)."""
+        return sum(t.numel() for t in (self.w1, self.s1, self.w2, self.s2))
+
+    def expert_nbytes(self) -> int:
+        """Packed bytes (nibbles and scales) one expert's two projections read."""
+        return self.nbytes // self.num_experts
+
+    def biases(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The biases as the reference uses them with ``dtype`` activations (rounded to that
+        dtype), held in fp32; computed once per dtype."""
+        cached = self._biases.get(dtype)
+        if cached is None:
+            b1, b2 = self._bias_source
+            cached = (b1.to(dtype).float().contiguous(), b2.to(dtype).float().contiguous())
+            self._biases[dtype] = cached
+        return cached
+
+
+def moe_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    packed: PackedExperts,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+    out: torch.Tensor | None = None,
+    *,
+    isa: str | None = None,
+    amx_min_rows: int = AMX_MIN_ROWS,
+) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [T, H] (fp32 or bf16, normed),
+    weights [T, k] (fp32 routing weights), ids [T, k] (int64) -> [T, H] in x's dtype, written
+    into ``out`` when given. expert_e(x) = mlp2_e(swiglu(mlp1_e(x) + b1_e)) + b2_e with
+    gpt-oss's clamped SwiGLU. An expert may appear twice in a row of ``ids``. ``isa`` caps the
+    path (one of ``ISAS``; default: the best, or ``GPTOSS_NATIVE_MOE_ISA``). Raises
+    RuntimeError when the kernel is unavailable."""
+    if not available():
+        raise RuntimeError(f"native MoE kernel unavailable: {unavailable_reason()}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"x must be fp32 or bf16, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != packed.hidden_size:
+        raise ValueError(f"x must be [T, {packed.hidden_size}], got {tuple(x.shape)}")
+    x = x.contiguous()
+    weights = weights.to(torch.float32).contiguous()
+    ids = ids.to(torch.int64).contiguous()
+    if out is None:
+        out = torch.empty_like(x)
+    b1, b2 = packed.biases(x.dtype)
+    torch.ops.gptoss_native.moe_experts(
+        x,
+        weights,
+        ids,
+        packed.w1,
+        packed.s1,
+        b1,
+        packed.w2,
+        packed.s2,
+        b2,
+        float(swiglu_alpha),
+        float(swiglu_limit),
+        _isa_level(isa),
+        packed.amx_safe,
+        int(amx_min_rows),
+        out,
+    )
+    return out

@@ -1,0 +1,646 @@
+// Native CPU kernel for gpt-oss's mixture of experts with MXFP4 experts used packed (issue 16).
+//
+// Weights are never rebuilt as dense matrices: each output row group streams its packed
+// nibbles once per step and decodes them in registers (or into a 1 KB tile that stays in L1).
+//
+// Layout (built once by PackedExperts in __init__.py from the checkpoint's [E, rows, G, 16]):
+//   w[e][rg][g][p][n] = blocks[e][16*rg + n][g][p]   (uint8: 16 rows interleaved per byte column)
+//   s[e][rg][g][n]    = scales[e][16*rg + n][g]      (uint8 E8M0)
+// so one 16-byte load is byte p of block g for 16 consecutive output rows: after a zero
+// extension to 16 dwords, lane n holds the two weights (2p, 2p+1) of row n (low nibble
+// first), which is both a row of an AMX B tile and a bf16 pair for VDPBF16PS.
+//
+// Activations enter as bf16 "virtual rows": a bf16 token is one row; an fp32 token is split
+// exactly into three bf16 rows (hi + mid + lo == x), whose products are summed in fp32, so
+// fp32 inputs keep fp32 accuracy. Every accumulation is fp32.
+//
+// Paths, chosen per call from the CPU's features (cpu_isa) and capped by the caller:
+//   0 generic      portable C++ (fp32 multiply-add on dequantized 32x16 blocks)
+//   1 avx2         the same source compiled for AVX2+FMA
+//   2 avx512_bf16  nibbles -> bf16 through a VPERMW table, VDPBF16PS, per-block fp32 scale
+//   3 amx          AMX-BF16 tiles for experts with many rows (scales folded into the bf16
+//                  exponent, valid when every scale byte is in [2, 252]); avx512_bf16 below
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#include <chrono>
+#include <cstdio>
+
+#if defined(__x86_64__)
+#define GPTOSS_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define GPTOSS_X86 0
+#endif
+
+namespace {
+
+constexpr int kRows = 16;         // output rows per group
+constexpr int kBlock = 32;        // values per MXFP4 block
+constexpr int kGroupBytes = 256;  // one block of one row group: 16 byte columns x 16 rows
+constexpr int kMaxTokensPerChunk = 1024;
+
+enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAmx = 3 };
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint32_t f32_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bits_f32(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, as torch's float -> bf16 conversion.
+inline uint16_t f32_to_bf16(float f) { return c10::BFloat16(f).x; }
+
+// Splits x exactly into `ns` bf16 values (ns = 1: rounded; ns = 3: hi + mid + lo == x, each
+// part the truncation of what is left, so every part is exact in bf16).
+inline void split_bf16(float x, int ns, uint16_t* dst, int64_t stride) {
+  if (ns == 1) {
+    dst[0] = f32_to_bf16(x);
+    return;
+  }
+  float rest = x;
+  for (int s = 0; s < ns; ++s) {
+    const uint32_t hi = f32_bits(rest) & 0xFFFF0000u;
+    dst[s * stride] = static_cast<uint16_t>(hi >> 16);
+    rest -= bits_f32(hi);
+  }
+}
+
+constexpr double kFp4[16] = {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0};
+
+// Every (scale byte, nibble) pair decoded to fp32: FP4 * 2^(s-127) computed in float64 (exact)
+// and rounded once, as model/mxfp4.py does.
+struct DequantTable {
+  float v[256][16];
+  DequantTable() {
+    for (int s = 0; s < 256; ++s)
+      for (int n = 0; n < 16; ++n) v[s][n] = static_cast<float>(kFp4[n] * std::ldexp(1.0, s - 127));
+  }
+};
+
+const DequantTable& dequant_table() {
+  static const DequantTable table;
+  return table;
+}
+
+namespace generic {
+#include "tile_generic.h"
+}  // namespace generic
+
+#if GPTOSS_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "tile_generic.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+}  // namespace
+
+#if GPTOSS_X86
+namespace {
+
+// FP4 E2M1 as bf16 bits, twice (VPERMW reads 5 index bits; bit 4 is the next nibble's lowest
+// bit, which the duplicate table ignores).
+#define GPTOSS_FP4_BF16                                                                        \
+  0x0000, 0x3F00, 0x3F80, 0x3FC0, 0x4000, 0x4040, 0x4080, 0x40C0, 0x8000, 0xBF00, 0xBF80, 0xBFC0, \
+      0xC000, 0xC040, 0xC080, 0xC0C0
+
+alignas(64) const uint16_t kFp4Bf16x2[32] = {GPTOSS_FP4_BF16, GPTOSS_FP4_BF16};
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
+#define GPTOSS_T512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+namespace k512 {
+
+// 16 bytes (byte column p of one block, 16 rows) -> 16 bf16 pairs, one per row.
+GPTOSS_T512 __attribute__((always_inline)) inline __m512i decode(const uint8_t* src, __m512i table,
+                                                                  __m512i* index) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  // Low word: the byte (low nibble in bits 0-3); high word: the high nibble in bits 0-3.
+  *index = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
+  return _mm512_permutexvar_epi16(*index, table);
+}
+
+// NT virtual rows against one row group: per block, the 16 bf16 pair-products accumulate in
+// fp32 with VDPBF16PS, then one FMA applies the 16 rows' scales. With few rows, CH
+// independent partial sums per row hide the VDPBF16PS latency.
+template <int NT>
+GPTOSS_T512 __attribute__((always_inline)) inline void dp_rows(const uint8_t* W, const uint8_t* S, int G,
+                                                                const uint16_t* A, int64_t lda, float* C) {
+  constexpr int CH = NT == 1 ? 4 : (NT <= 3 ? 2 : 1);
+  const __m512i table = _mm512_load_si512(kFp4Bf16x2);
+  const __m512 tiny = _mm512_set1_ps(0x1p-127f);  // scale byte 0: 2^-127, a subnormal
+  __m512 acc[NT];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int g = 0; g < G; ++g) {
+    const uint8_t* wg = W + static_cast<int64_t>(g) * kGroupBytes;
+    const uint16_t* ag = A + static_cast<int64_t>(g) * kBlock;
+    __m512 part[NT][CH];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 4
+      for (int c = 0; c < CH; ++c) part[t][c] = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int p = 0; p < kBlock / 2; ++p) {
+      __m512i index;
+      const __m512i w = decode(wg + p * kRows, table, &index);
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        int32_t pair;
+        std::memcpy(&pair, ag + t * lda + 2 * p, 4);
+        part[t][p % CH] = _mm512_dpbf16_ps(part[t][p % CH], (__m512bh)w, (__m512bh)_mm512_set1_epi32(pair));
+      }
+    }
+    const __m512i sb =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + g * kRows)));
+    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 23));  // 2^(s-127); 255 -> inf
+    scale = _mm512_mask_mov_ps(scale, _mm512_testn_epi32_mask(sb, sb), tiny);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      __m512 sum = part[t][0];
+#pragma GCC unroll 4
+      for (int c = 1; c < CH; ++c) sum = _mm512_add_ps(sum, part[t][c]);
+      acc[t] = _mm512_fmadd_ps(sum, scale, acc[t]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(C + t * kRows, acc[t]);
+}
+
+constexpr int kDpRows = 8;
+
+GPTOSS_T512 void tile(const uint8_t* W, const uint8_t* S, int G, const uint16_t* A, int64_t lda, int R,
+                      float* C) {
+  int r = 0;
+  for (; R - r >= kDpRows; r += kDpRows) dp_rows<kDpRows>(W, S, G, A + r * lda, lda, C + r * kRows);
+  const uint16_t* a = A + r * lda;
+  float* c = C + r * kRows;
+  switch (R - r) {
+    case 1: dp_rows<1>(W, S, G, a, lda, c); break;
+    case 2: dp_rows<2>(W, S, G, a, lda, c); break;
+    case 3: dp_rows<3>(W, S, G, a, lda, c); break;
+    case 4: dp_rows<4>(W, S, G, a, lda, c); break;
+    case 5: dp_rows<5>(W, S, G, a, lda, c); break;
+    case 6: dp_rows<6>(W, S, G, a, lda, c); break;
+    case 7: dp_rows<7>(W, S, G, a, lda, c); break;
+    default: break;
+  }
+}
+
+}  // namespace k512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16")
+#define GPTOSS_TAMX \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+namespace kamx {
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles 0-3: C (16 rows x 16 fp32); 4, 5: A (16 rows x 32 bf16); 6: B (16 pairs x 16 rows).
+GPTOSS_TAMX void configure() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int i = 0; i < 7; ++i) {
+    cfg.colsb[i] = 64;
+    cfg.rows[i] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// One block of a row group as an AMX B tile, the scale folded in: a nonzero bf16 FP4 value
+// times 2^(s-127) is the same value with s-127 added to its exponent field (exact, and
+// in range for s in [2, 252], which PackedExperts checks).
+GPTOSS_TAMX __attribute__((always_inline)) inline void decode_block(const uint8_t* wg, const uint8_t* sg,
+                                                                     uint16_t* dst) {
+  const __m512i table = _mm512_load_si512(kFp4Bf16x2);
+  const __m512i magnitude = _mm512_set1_epi16(0x0007);
+  __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg)));
+  e = _mm512_and_si512(_mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(127)), 7),
+                       _mm512_set1_epi32(0xFFFF));
+  const __m512i exponent = _mm512_or_si512(e, _mm512_slli_epi32(e, 16));
+#pragma GCC unroll 16
+  for (int p = 0; p < kBlock / 2; ++p) {
+    __m512i index;
+    __m512i w = k512::decode(wg + p * kRows, table, &index);
+    w = _mm512_mask_add_epi16(w, _mm512_test_epi16_mask(index, magnitude), w, exponent);
+    _mm512_store_si512(dst + p * 32, w);
+  }
+}
+
+#define GPTOSS_AMX_STEP(c, a)                                                       \
+  if constexpr (NC > c) {                                                           \
+    _tile_loadd(a, A + (c * 16) * lda + static_cast<int64_t>(g) * kBlock, lda * 2); \
+    _tile_dpbf16ps(c, a, 6);                                                        \
+  }
+
+// Up to 64 virtual rows (NC C tiles) against one row group; B either decoded here, kRing
+// blocks ahead of the tile loads (a tile load right after the stores of its data waits for
+// them to drain), or read from a whole row group decoded before (bcache [G][512]).
+constexpr int kAhead = 2;
+constexpr int kRing = kAhead + 1;
+
+template <int NC>
+GPTOSS_TAMX void amx_rows(const uint8_t* W, const uint8_t* S, int G, const uint16_t* A, int64_t lda, int R,
+                          float* C, const uint16_t* bcache) {
+  alignas(64) uint16_t ring[kRing][16 * 32];
+  alignas(64) float cbuf[NC * 16 * 16];
+  if constexpr (NC > 0) _tile_zero(0);
+  if constexpr (NC > 1) _tile_zero(1);
+  if constexpr (NC > 2) _tile_zero(2);
+  if constexpr (NC > 3) _tile_zero(3);
+  if (bcache == nullptr)
+    for (int g = 0; g < std::min(kAhead, G); ++g)
+      decode_block(W + static_cast<int64_t>(g) * kGroupBytes, S + g * kRows, ring[g % kRing]);
+  for (int g = 0; g < G; ++g) {
+    const uint16_t* b;
+    if (bcache == nullptr) {
+      const int ahead = g + kAhead;
+      if (ahead < G)
+        decode_block(W + static_cast<int64_t>(ahead) * kGroupBytes, S + ahead * kRows, ring[ahead % kRing]);
+      b = ring[g % kRing];
+    } else {
+      b = bcache + static_cast<int64_t>(g) * 512;
+    }
+    asm volatile("" ::: "memory");  // the tile loads below read what the stores above wrote
+    _tile_loadd(6, b, 64);
+    GPTOSS_AMX_STEP(0, 4)
+    GPTOSS_AMX_STEP(1, 5)
+    GPTOSS_AMX_STEP(2, 4)
+    GPTOSS_AMX_STEP(3, 5)
+    asm volatile("" ::: "memory");  // and are issued before the ring slot is written again
+  }
+  if constexpr (NC > 0) _tile_stored(0, cbuf, 64);
+  if constexpr (NC > 1) _tile_stored(1, cbuf + 256, 64);
+  if constexpr (NC > 2) _tile_stored(2, cbuf + 512, 64);
+  if constexpr (NC > 3) _tile_stored(3, cbuf + 768, 64);
+  std::memcpy(C, cbuf, sizeof(float) * R * kRows);
+}
+
+// Rows beyond R in the last A tile are read (the caller pads A by 16 rows) and discarded.
+GPTOSS_TAMX void tile(const uint8_t* W, const uint8_t* S, int G, const uint16_t* A, int64_t lda, int R,
+                      float* C) {
+  static const int mode = [] { const char* m = std::getenv("GPTOSS_AMX_MODE"); return m ? std::atoi(m) : 0; }();
+  configure();
+  const uint16_t* bcache = nullptr;
+  if (R > 64 || mode == 1) {  // several passes: decode the row group once
+    static thread_local std::vector<uint16_t> storage;
+    storage.resize(static_cast<size_t>(G) * 512 + 32);
+    uint16_t* base = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
+    for (int g = 0; g < G; ++g)
+      decode_block(W + static_cast<int64_t>(g) * kGroupBytes, S + g * kRows, base + static_cast<int64_t>(g) * 512);
+    bcache = base;
+  }
+  for (int r = 0; r < R; r += 64) {
+    const int n = std::min(64, R - r);
+    const uint16_t* a = A + r * lda;
+    float* c = C + r * kRows;
+    switch ((n + 15) / 16) {
+      case 1: amx_rows<1>(W, S, G, a, lda, n, c, bcache); break;
+      case 2: amx_rows<2>(W, S, G, a, lda, n, c, bcache); break;
+      case 3: amx_rows<3>(W, S, G, a, lda, n, c, bcache); break;
+      default: amx_rows<4>(W, S, G, a, lda, n, c, bcache); break;
+    }
+  }
+  _tile_release();
+}
+
+}  // namespace kamx
+#pragma GCC pop_options
+
+bool os_avx512() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+  uint32_t lo, hi;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0xE6) == 0xE6;  // SSE, AVX, opmask, ZMM state
+}
+
+bool os_avx() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;
+  uint32_t lo, hi;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0x6) == 0x6;
+}
+
+int64_t detect_isa() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return kGeneric;
+  const bool fma = c & (1u << 12);
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return kGeneric;
+  const bool avx2 = b & (1u << 5);
+  const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31));
+  const bool amx = (d & (1u << 24)) && (d & (1u << 22));  // AMX-TILE, AMX-BF16
+  unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
+  __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
+  const bool bf16 = a1 & (1u << 5);
+  if (!(avx2 && fma && os_avx())) return kGeneric;
+  if (!(avx512 && bf16 && os_avx512())) return kAvx2;
+  if (!amx) return kAvx512Bf16;
+  // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return kAvx512Bf16;
+  return kAmx;
+}
+
+}  // namespace
+#endif  // GPTOSS_X86
+
+namespace {
+
+int64_t cpu_isa() {
+#if GPTOSS_X86
+  static const int64_t isa = detect_isa();
+  return isa;
+#else
+  return kGeneric;
+#endif
+}
+
+void run_tile(int64_t isa, bool use_amx, const uint8_t* W, const uint8_t* S, int G, const uint16_t* A,
+              int64_t lda, int R, float* C) {
+#if GPTOSS_X86
+  if (use_amx) return kamx::tile(W, S, G, A, lda, R, C);
+  if (isa >= kAvx512Bf16) return k512::tile(W, S, G, A, lda, R, C);
+  if (isa >= kAvx2) return avx2::tile(W, S, G, A, lda, R, C);
+#endif
+  (void)use_amx;
+  (void)isa;
+  generic::tile(W, S, G, A, lda, R, C);
+}
+
+// Runs f(item, worker) for every item, each thread taking the next item as it finishes one
+// (items differ in cost: an expert with 20 rows against one with 1).
+template <class F>
+void run_items(int64_t n, int64_t workers, const F& f) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(1, std::memory_order_relaxed))
+        f(i, w);
+    }
+  });
+}
+
+struct Problem {
+  int64_t H, I, E, K, G1, G2, R1;
+  int ns;
+  double alpha, limit;
+  int64_t isa;
+  bool amx_ok;
+  int64_t amx_min_rows;
+  const uint8_t *w1, *s1, *w2, *s2;
+  const float *b1, *b2;
+};
+
+// Tokens [t0, t0 + tn) of the batch.
+void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, const int64_t* ids, int64_t t0,
+               int64_t tn, at::Tensor& out) {
+  const int64_t H = pb.H, I = pb.I, E = pb.E, K = pb.K, R1 = pb.R1;
+  const int ns = pb.ns;
+  const int64_t P = tn * K;
+  // Pairs sorted by expert (stable), as the reference does.
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t q = 0; q < P; ++q) {
+    const int64_t e = ids[t0 * K + q];
+    TORCH_CHECK(e >= 0 && e < E, "expert id ", e, " out of range [0, ", E, ")");
+    ++start[e + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+  std::vector<int64_t> pos(start.begin(), start.end() - 1);
+  std::vector<int64_t> pair_token(P), slot_pair(P);
+  for (int64_t q = 0; q < P; ++q) {
+    const int64_t i = pos[ids[t0 * K + q]]++;
+    pair_token[i] = q / K;
+    slot_pair[q] = i;
+  }
+  std::vector<int64_t> active;
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = start[e + 1] - start[e];
+    if (n) active.push_back(e);
+    max_rows = std::max(max_rows, n * ns);
+  }
+  const int64_t rows = P * ns;
+  const int64_t pad = 16;  // AMX reads whole 16-row A tiles
+  auto bf16 = x.options().dtype(at::kBFloat16);
+  at::Tensor xg_t = at::empty({rows + pad, H}, bf16);
+  at::Tensor ag_t = at::empty({rows + pad, I}, bf16);
+  at::Tensor o_t = at::empty({P, H}, x.options().dtype(at::kFloat));
+  uint16_t* xg = reinterpret_cast<uint16_t*>(xg_t.data_ptr());
+  uint16_t* ag = reinterpret_cast<uint16_t*>(ag_t.data_ptr());
+  float* o = o_t.data_ptr<float>();
+  std::memset(xg + rows * H, 0, sizeof(uint16_t) * pad * H);
+  std::memset(ag + rows * I, 0, sizeof(uint16_t) * pad * I);
+  const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<float> cbuf(static_cast<size_t>(workers * std::max<int64_t>(max_rows, 1) * kRows));
+
+  static const bool prof = std::getenv("GPTOSS_MOE_PROFILE") != nullptr;
+  auto now = [] { return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
+  double tp0 = now();
+  // Gather (and split) each pair's input row.
+  const bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, P, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t t = t0 + pair_token[i];
+      uint16_t* dst = xg + i * ns * H;
+      if (x_bf16) {
+        std::memcpy(dst, reinterpret_cast<const uint16_t*>(x.data_ptr()) + t * H, sizeof(uint16_t) * H);
+      } else {
+        const float* src = x.data_ptr<float>() + t * H;
+        for (int64_t c = 0; c < H; ++c) split_bf16(src[c], ns, dst + c, H);
+      }
+    }
+  });
+
+  auto tile_for = [&](int64_t n_rows) { return pb.isa >= kAmx && pb.amx_ok && n_rows >= pb.amx_min_rows; };
+  const float limit = static_cast<float>(pb.limit), alpha = static_cast<float>(pb.alpha);
+
+  double tp1 = now();
+  // mlp1 + SwiGLU: one item = one expert's 16 rows of [2I] (8 gate/up pairs).
+  const int64_t nrg1 = R1 / kRows;
+  run_items(static_cast<int64_t>(active.size()) * nrg1, workers, [&](int64_t item, int64_t w) {
+    const int64_t e = active[item / nrg1], rg = item % nrg1;
+    const int64_t n = start[e + 1] - start[e], R = n * ns;
+    float* C = cbuf.data() + w * max_rows * kRows;
+    const int64_t off = e * nrg1 + rg;
+    run_tile(pb.isa, tile_for(R), pb.w1 + off * pb.G1 * kGroupBytes, pb.s1 + off * pb.G1 * kRows,
+             static_cast<int>(pb.G1), xg + start[e] * ns * H, H, static_cast<int>(R), C);
+    const float* bias = pb.b1 + e * R1 + rg * kRows;
+    for (int64_t j = 0; j < n; ++j) {
+      float h[kRows];
+      for (int c = 0; c < kRows; ++c) {
+        float v = C[(j * ns) * kRows + c];
+        for (int s = 1; s < ns; ++s) v += C[(j * ns + s) * kRows + c];
+        h[c] = v + bias[c];
+      }
+      uint16_t* dst = ag + (start[e] + j) * ns * I + rg * (kRows / 2);
+      for (int c = 0; c < kRows / 2; ++c) {
+        const float gate = std::min(h[2 * c], limit);
+        const float up = std::max(std::min(h[2 * c + 1], limit), -limit) + 1.0f;
+        const float sig = 1.0f / (1.0f + std::exp(-(gate * alpha)));
+        split_bf16(sig * gate * up, ns, dst + c, I);
+      }
+    }
+  });
+
+  double tp2 = now();
+  // mlp2: one item = one expert's 16 rows of [H].
+  const int64_t nrg2 = H / kRows;
+  run_items(static_cast<int64_t>(active.size()) * nrg2, workers, [&](int64_t item, int64_t w) {
+    const int64_t e = active[item / nrg2], rg = item % nrg2;
+    const int64_t n = start[e + 1] - start[e], R = n * ns;
+    float* C = cbuf.data() + w * max_rows * kRows;
+    const int64_t off = e * nrg2 + rg;
+    run_tile(pb.isa, tile_for(R), pb.w2 + off * pb.G2 * kGroupBytes, pb.s2 + off * pb.G2 * kRows,
+             static_cast<int>(pb.G2), ag + start[e] * ns * I, I, static_cast<int>(R), C);
+    const float* bias = pb.b2 + e * H + rg * kRows;
+    for (int64_t j = 0; j < n; ++j) {
+      float* dst = o + (start[e] + j) * H + rg * kRows;
+      for (int c = 0; c < kRows; ++c) {
+        float v = C[(j * ns) * kRows + c];
+        for (int s = 1; s < ns; ++s) v += C[(j * ns + s) * kRows + c];
+        dst[c] = v + bias[c];
+      }
+    }
+  });
+
+  double tp3 = now();
+  // out[t] = sum_j w[t, j] * o[pair(t, j)], in the reference's order (pairs by expert).
+  at::parallel_for(0, tn, 4, [&](int64_t b, int64_t e) {
+    std::vector<float> acc(H);
+    std::vector<int64_t> order(K);
+    for (int64_t t = b; t < e; ++t) {
+      for (int64_t j = 0; j < K; ++j) order[j] = j;
+      std::sort(order.begin(), order.end(),
+                [&](int64_t l, int64_t r) { return slot_pair[t * K + l] < slot_pair[t * K + r]; });
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j : order) {
+        const float wt = weights[(t0 + t) * K + j];
+        const float* src = o + slot_pair[t * K + j] * H;
+        for (int64_t c = 0; c < H; ++c) acc[c] += wt * src[c];
+      }
+      if (out.scalar_type() == at::kBFloat16) {
+        uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr()) + (t0 + t) * H;
+        for (int64_t c = 0; c < H; ++c) dst[c] = f32_to_bf16(acc[c]);
+      } else {
+        std::memcpy(out.data_ptr<float>() + (t0 + t) * H, acc.data(), sizeof(float) * H);
+      }
+    }
+  });
+  if (prof) std::fprintf(stderr, "gather %.1f mlp1 %.1f mlp2 %.1f combine %.1f us\n", tp1 - tp0, tp2 - tp1, tp3 - tp2, now() - tp3);
+}
+
+void check_layout(const at::Tensor& w, const at::Tensor& s, const at::Tensor& b, int64_t E, int64_t rows,
+                  int64_t G, const char* name) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && s.scalar_type() == at::kByte, name, ": blocks/scales must be uint8");
+  TORCH_CHECK(w.is_contiguous() && s.is_contiguous() && b.is_contiguous(), name, ": tensors must be contiguous");
+  TORCH_CHECK(w.dim() == 5 && w.size(0) == E && w.size(1) == rows / kRows && w.size(2) == G && w.size(3) == 16 &&
+                  w.size(4) == 16,
+              name, ": blocks must be [E, rows/16, G, 16, 16], got ", w.sizes());
+  TORCH_CHECK(s.dim() == 4 && s.size(0) == E && s.size(1) == rows / kRows && s.size(2) == G && s.size(3) == 16,
+              name, ": scales must be [E, rows/16, G, 16], got ", s.sizes());
+  TORCH_CHECK(b.scalar_type() == at::kFloat && b.dim() == 2 && b.size(0) == E && b.size(1) == rows, name,
+              ": bias must be fp32 [E, rows]");
+}
+
+void moe_experts(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& w1,
+                 const at::Tensor& s1, const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& s2,
+                 const at::Tensor& b2, double alpha, double limit, int64_t isa, bool amx_ok, int64_t amx_min_rows,
+                 at::Tensor& out) {
+  TORCH_CHECK(x.device().is_cpu(), "moe_experts: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [T, H] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be fp32 or bf16");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.is_contiguous(),
+              "out must be contiguous, with x's shape and dtype");
+  const int64_t T = x.size(0), H = x.size(1);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == at::kLong && ids.is_contiguous(),
+              "ids must be a contiguous int64 [T, k] tensor");
+  TORCH_CHECK(weights.sizes() == ids.sizes() && weights.scalar_type() == at::kFloat && weights.is_contiguous(),
+              "weights must be a contiguous fp32 [T, k] tensor");
+  TORCH_CHECK(H % 32 == 0 && H > 0, "hidden size must be a positive multiple of 32");
+  Problem pb{};
+  pb.E = w1.size(0);
+  pb.H = H;
+  pb.R1 = b1.size(1);
+  pb.I = pb.R1 / 2;
+  TORCH_CHECK(pb.I % 32 == 0 && pb.I > 0, "intermediate size must be a positive multiple of 32");
+  pb.K = ids.size(1);
+  pb.G1 = H / kBlock;
+  pb.G2 = pb.I / kBlock;
+  check_layout(w1, s1, b1, pb.E, pb.R1, pb.G1, "mlp1");
+  check_layout(w2, s2, b2, pb.E, H, pb.G2, "mlp2");
+  pb.ns = x.scalar_type() == at::kBFloat16 ? 1 : 3;
+  pb.alpha = alpha;
+  pb.limit = limit;
+  pb.isa = std::min(isa, cpu_isa());
+  pb.amx_ok = amx_ok;
+  pb.amx_min_rows = amx_min_rows;
+  pb.w1 = w1.data_ptr<uint8_t>();
+  pb.s1 = s1.data_ptr<uint8_t>();
+  pb.w2 = w2.data_ptr<uint8_t>();
+  pb.s2 = s2.data_ptr<uint8_t>();
+  pb.b1 = b1.data_ptr<float>();
+  pb.b2 = b2.data_ptr<float>();
+  if (T == 0) return;
+  if (pb.K == 0) {
+    std::memset(out.data_ptr(), 0, out.nbytes());
+    return;
+  }
+  for (int64_t t0 = 0; t0 < T; t0 += kMaxTokensPerChunk)
+    run_chunk(pb, x, weights.data_ptr<float>(), ids.data_ptr<int64_t>(), t0,
+              std::min<int64_t>(kMaxTokensPerChunk, T - t0), out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(gptoss_native, m) {
+  m.def("cpu_isa() -> int", &cpu_isa);
+  m.def(
+      "moe_experts(Tensor x, Tensor weights, Tensor ids, Tensor w1, Tensor s1, Tensor b1, Tensor w2, "
+      "Tensor s2, Tensor b2, float alpha, float limit, int isa, bool amx_ok, int amx_min_rows, "
+      "Tensor(a!) out) -> ()",
+      &moe_experts);
+}
