@@ -1,6 +1,7 @@
 """Train the demonstration model on CPU (see demo/model.py for the network).
 
-The loss is on the assistant's tokens only; batches are length-bucketed (little padding);
+The loss is on the assistant's tokens only; examples in random order are packed into rows
+(attention kept inside each example), so every batch mixes the skills;
 matmuls run under bf16 autocast (measured 1.5x faster than fp32 on this CPU: avx512_bf16);
 the learning rate warms up, then follows a cosine to zero over `steps` (or over the time
 budget if that runs out first, so a slower machine still ends annealed). Fresh examples are
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from demo.data import Example, make_example
 from demo.model import TinyGptOss
+from harmony.tokenizer import load_tokenizer
 from model.config import ModelConfig
 
 CONFIG = ModelConfig(
@@ -43,47 +45,49 @@ def corpus(n: int, seed: int) -> list[Example]:
 
 
 def batches(
-    examples: list[Example], vocab: dict[int, int], batch_tokens: int, rng: random.Random
+    examples: list[Example], vocab: dict[int, int], batch_tokens: int, rng: random.Random, row: int = 384
 ) -> Iterator[Batch]:
-    """Length-bucketed batches: (ids [B, T], valid [B, T], target [B, T] with -100 = no loss).
-    Tokens outside `vocab` map to the pooled class (its last row)."""
+    """Packed batches of examples in random order (so every batch mixes the skills):
+    (ids [B, row], segment [B, row] (-1 = padding), target [B, row] with -100 = no loss).
+    Attention stays inside a segment. Tokens outside `vocab` map to the pooled class."""
     pooled = len(vocab)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].completion))
-    groups, cur, cur_max = [], [], 0
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    rows: list[list[int]] = [[]]
     for i in order:
         n = len(examples[i].prompt) + len(examples[i].completion)
-        if cur and max(cur_max, n) * (len(cur) + 1) > batch_tokens:
-            groups.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, n)
-    groups.append(cur)
-    rng.shuffle(groups)
-    for g in groups:
-        seqs = [examples[i] for i in g]
-        t = max(len(e.prompt) + len(e.completion) for e in seqs)
-        ids = torch.zeros(len(seqs), t, dtype=torch.long)
-        target = torch.full((len(seqs), t), -100, dtype=torch.long)
-        valid = torch.zeros(len(seqs), t, dtype=torch.bool)
-        for r, e in enumerate(seqs):
-            full = [vocab.get(x, pooled) for x in e.prompt + e.completion]
-            ids[r, : len(full)] = torch.tensor(full)
-            valid[r, : len(full)] = True
-            p = len(e.prompt)
-            target[r, p - 1 : len(full) - 1] = torch.tensor(full[p:])
-        yield ids, valid, target
+        if sum(len(examples[j].prompt) + len(examples[j].completion) for j in rows[-1]) + n > row:
+            rows.append([])
+        rows[-1].append(i)
+    per_batch = max(1, batch_tokens // row)
+    for b0 in range(0, len(rows), per_batch):
+        group = rows[b0 : b0 + per_batch]
+        ids = torch.zeros(len(group), row, dtype=torch.long)
+        seg = torch.full((len(group), row), -1, dtype=torch.long)
+        target = torch.full((len(group), row), -100, dtype=torch.long)
+        for r, members in enumerate(group):
+            at = 0
+            for s, i in enumerate(members):
+                e = examples[i]
+                full = [vocab.get(x, pooled) for x in e.prompt + e.completion]
+                ids[r, at : at + len(full)] = torch.tensor(full)
+                seg[r, at : at + len(full)] = s
+                p = len(e.prompt)
+                target[r, at + p - 1 : at + len(full) - 1] = torch.tensor(full[p:])
+                at += len(full)
+        yield ids, seg, target
 
 
 def save(out: Path, model: TinyGptOss, used: list[int], seed: int, summary: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in model.named().items()}
+    state = model.state()
     torch.save({"state": state, "used": used, "seed": seed, "config": model.config.to_hf_dict()},
                out / "trained.pt.tmp")  # fmt: skip
     (out / "trained.pt.tmp").replace(out / "trained.pt")
     (out / "train.json").write_text(json.dumps(summary, indent=2))
 
 
-def train(out: Path, seed: int = 0, steps: int = 6000, minutes: float = 60.0, batch_tokens: int = 6144,
+def train(out: Path, seed: int = 0, steps: int = 9000, minutes: float = 58.0, batch_tokens: int = 4096,
           lr: float = 3e-3, warmup: int = 100, log: Callable[[str], None] = print) -> dict:  # fmt: skip
     torch.manual_seed(seed)
     torch.set_num_threads(2)
@@ -92,7 +96,10 @@ def train(out: Path, seed: int = 0, steps: int = 6000, minutes: float = 60.0, ba
     used = sorted({t for e in first for t in e.prompt + e.completion})
     vocab = {t: i for i, t in enumerate(used)}
     log(f"corpus: {len(first)} examples, {len(used)} used tokens, {time.time() - t0:.0f}s")
-    model = TinyGptOss(CONFIG, len(used), seed)
+    tok = load_tokenizer()
+    model = TinyGptOss(
+        CONFIG, len(used), seed, [None if tok.is_special(t) else tok.token_bytes(t) for t in used]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     start, budget = time.time(), minutes * 60
     step, tokens, loss_avg, chunk, last_save = 0, 0, 0.0, 0, time.time()
@@ -100,7 +107,7 @@ def train(out: Path, seed: int = 0, steps: int = 6000, minutes: float = 60.0, ba
     data = first
     summary: dict = {}
     while step < steps:
-        for ids, valid, target in batches(data, vocab, batch_tokens, rng):
+        for ids, seg, target in batches(data, vocab, batch_tokens, rng):
             frac = max(step / steps, (time.time() - start) / budget)
             if frac >= 1:
                 break
@@ -108,14 +115,14 @@ def train(out: Path, seed: int = 0, steps: int = 6000, minutes: float = 60.0, ba
                 group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
             sel = target != -100
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model.logits(model.hidden(ids, valid)[sel])
+                logits = model.logits(model.hidden(ids, seg)[sel])
             loss = F.cross_entropy(logits, target[sel])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            tokens += int(valid.sum())
+            tokens += int((seg >= 0).sum())
             loss_avg = loss.item() if step == 1 else 0.98 * loss_avg + 0.02 * loss.item()
             el = time.time() - start
             summary = {"steps": step, "tokens": tokens, "seconds": round(el), "loss": round(loss_avg, 4),

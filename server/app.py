@@ -61,7 +61,8 @@ def log_startup(state: ServerState) -> None:
     logger.info(
         "model %s served as %s: weights %s, KV cache %s = %s tokens of context in total, "
         "max_model_len %s, up to %d concurrent sequences",
-        state.settings.model or "<embedded default, RANDOM weights>",
+        state.settings.model
+        or "<embedded default: gpt-oss-tiny, a demonstration model trained on synthetic conversations>",
         ", ".join(state.model_names),
         _gib(getattr(engine, "weights_bytes", None)),
         _gib(getattr(engine, "kv_cache_bytes", None)),

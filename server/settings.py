@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from engine.config import EngineConfig
 
 # The embedded default model's public name (README examples use it).
-DEFAULT_MODEL_NAME = "gpt-oss-tiny-random"
+DEFAULT_MODEL_NAME = "gpt-oss-tiny"
 ENV_PREFIX = "GPTOSS_"
 
 # unit -> argparse metavar. "bytes" also means the value is read by parse_bytes (2GiB, 512MB,
@@ -80,7 +80,7 @@ class ServerSettings:
     port: int = setting(8000, "TCP port")
     model: str | None = setting(
         None,
-        "checkpoint folder (HF or original layout); none = an embedded random-weight tiny model",
+        "checkpoint folder (HF or original layout); none = the embedded demonstration model gpt-oss-tiny (docs/demo-model.md)",
         shown="embedded default",
     )
     served_model_name: list[str] = setting(  # noqa: RUF009
@@ -115,6 +115,15 @@ class ServerSettings:
     enable_prefix_caching: bool = setting(True, "reuse KV of shared prompt prefixes", engine=True)
     dequantize_experts: bool = setting(
         False, "unpack MXFP4 experts at load (more memory, faster on CPU)", engine=True
+    )
+    kernels: str = setting(
+        "auto",
+        "compute kernels: `auto` = `native-cpu` (packed MXFP4 experts) on a CPU where it builds and "
+        "passes its startup self-check against `reference`, else `reference` (PyTorch, any device); "
+        "a name forces that backend (startup fails if it cannot run here)",
+        choices=("auto", "reference", "native-cpu"),
+        lower=True,
+        engine=True,
     )
     seed: int = setting(0, "seed of requests without their own", engine=True)
     cache_dir: Path | None = setting(  # noqa: RUF009

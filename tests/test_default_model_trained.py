@@ -28,7 +28,7 @@ USED = [0, 5, 17, 200, 511]
 @pytest.fixture
 def small_artifact(tmp_path: Path) -> tuple[Path, Path]:
     model = TinyGptOss(SMALL, len(USED), seed=0)
-    state = {k: v.detach() for k, v in model.named().items()}
+    state = model.state()
     trained = tmp_path / "run" / "trained.pt"
     trained.parent.mkdir()
     torch.save({"state": state, "used": USED, "seed": 0, "config": SMALL.to_hf_dict()}, trained)
@@ -125,3 +125,42 @@ def test_a_random_checkpoint_left_by_an_older_version_is_replaced(
     ensure(tmp_path, small_artifact)
     assert json.loads((old / "config.json").read_text())["hidden_size"] == SMALL.hidden_size
     assert (old / "manifest.json").exists()
+
+
+def test_served_checkpoint_computes_what_was_trained(
+    tmp_path: Path, small_artifact: tuple[Path, Path]
+) -> None:
+    """The training network (fused attention with the sink as an extra key, straight-through
+    MXFP4 experts, compact vocabulary + pooled class) and the served checkpoint give the same
+    next-token distribution: the used tokens' log-probabilities, and the pooled class's as the
+    log of the summed probability of every unused token. The sliding window (8) is shorter
+    than the sequence, so both attention kinds are exercised."""
+    from model.batch import BatchMetadata
+
+    trained = TinyGptOss(SMALL, len(USED), seed=0)
+    with torch.no_grad():
+        for name, p in trained.named().items():
+            if name.endswith(("sinks", "bias")):  # away from their zero init, so they matter
+                p.normal_(0, 0.5)
+            if not name.endswith(("gate_up_proj", "down_proj")):  # the artifact stores them in bf16
+                p.copy_(p.to(torch.bfloat16).float())
+    state = trained.state()
+    run = tmp_path / "run2" / "trained.pt"
+    run.parent.mkdir()
+    torch.save({"state": state, "used": USED, "seed": 0, "config": SMALL.to_hf_dict()}, run)
+    art = tmp_path / "art2" / "gpt-oss-tiny.safetensors"
+    write_artifact(run, art)
+    served = load_model(ensure(tmp_path, (art, art.with_suffix(".json"))), torch.float32)
+    compact = torch.tensor([0, 1, 2, 3, 4, 2, 1, 0, 3, 3, 4, 1, 2, 0, 0, 4, 3, 2, 1, 1])
+    n = len(compact)
+    with torch.no_grad():
+        ours = torch.log_softmax(trained.logits(trained.hidden(compact[None], torch.zeros(1, n) == 0))[0], -1)
+    meta = BatchMetadata(
+        positions=torch.arange(n), query_start=torch.tensor([0, n]), context_lens=torch.tensor([0]),
+        full_block_table=None, sliding_block_table=None, logits_indices=torch.arange(n),
+    )  # fmt: skip
+    full = torch.log_softmax(served.forward(torch.tensor(USED)[compact], meta).float(), -1)
+    unused = torch.ones(SMALL.vocab_size, dtype=torch.bool)
+    unused[USED] = False
+    theirs = torch.cat([full[:, USED], torch.logsumexp(full[:, unused], -1, keepdim=True)], -1)
+    torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=0)
