@@ -25,16 +25,19 @@ SMALL = ModelConfig(
 USED = [0, 5, 17, 200, 511]
 
 
-@pytest.fixture
-def small_artifact(tmp_path: Path) -> tuple[Path, Path]:
-    model = TinyGptOss(SMALL, len(USED), seed=0)
-    state = model.state()
-    trained = tmp_path / "run" / "trained.pt"
-    trained.parent.mkdir()
-    torch.save({"state": state, "used": USED, "seed": 0, "config": SMALL.to_hf_dict()}, trained)
-    artifact = tmp_path / "artifact" / "gpt-oss-tiny.safetensors"
+def export(model: TinyGptOss, folder: Path) -> tuple[Path, Path]:
+    """A run folder of `model` exported as the artifact the package ships -> (weights, config)."""
+    trained = folder / "run" / "trained.pt"
+    trained.parent.mkdir(parents=True)
+    torch.save({"state": model.state(), "used": USED, "seed": 0, "config": SMALL.to_hf_dict()}, trained)
+    artifact = folder / "artifact" / "gpt-oss-tiny.safetensors"
     write_artifact(trained, artifact)
     return artifact, artifact.with_suffix(".json")
+
+
+@pytest.fixture
+def small_artifact(tmp_path: Path) -> tuple[Path, Path]:
+    return export(TinyGptOss(SMALL, len(USED), seed=0), tmp_path)
 
 
 def ensure(tmp_path: Path, art: tuple[Path, Path]) -> Path:
@@ -144,13 +147,8 @@ def test_served_checkpoint_computes_what_was_trained(
                 p.normal_(0, 0.5)
             if not name.endswith(("gate_up_proj", "down_proj")):  # the artifact stores them in bf16
                 p.copy_(p.to(torch.bfloat16).float())
-    state = trained.state()
-    run = tmp_path / "run2" / "trained.pt"
-    run.parent.mkdir()
-    torch.save({"state": state, "used": USED, "seed": 0, "config": SMALL.to_hf_dict()}, run)
-    art = tmp_path / "art2" / "gpt-oss-tiny.safetensors"
-    write_artifact(run, art)
-    served = load_model(ensure(tmp_path, (art, art.with_suffix(".json"))), torch.float32)
+    art = export(trained, tmp_path / "second")
+    served = load_model(ensure(tmp_path, art), torch.float32)
     compact = torch.tensor([0, 1, 2, 3, 4, 2, 1, 0, 3, 3, 4, 1, 2, 0, 0, 4, 3, 2, 1, 1])
     n = len(compact)
     with torch.no_grad():
