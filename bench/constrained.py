@@ -2,12 +2,15 @@
 
     python bench/constrained.py [--preset small] [--concurrency 16] [--rounds 3]
 
-- unconstrained decoding with the feature present (requests without a constraint) against the
-  same engine with the mask step switched off, alternated A B A B; the ratio should be ~1;
+- unconstrained decoding with the feature present (requests without a constraint, after the
+  engine has served constrained ones: mask worker up, grammars compiled) against the same
+  engine with the mask step switched off;
 - every request constrained to a JSON Schema (through the server's own guide: Harmony turn,
   reasoning budget), output tokens/s, and the mean time per step spent filling masks (on the
-  worker, overlapped with the forward pass) and waiting for them after the forward pass.
-Medians over the rounds; greedy; ``c`` requests in flight as one batch.
+  worker, overlapped with the forward pass).
+Each ratio is the median of per-round ratios of runs side by side in time (A B, then B A), so a
+machine whose speed drifts over minutes (a shared VM's does, by 20%) does not bias it; the
+tok/s columns are medians. Greedy; ``c`` requests in flight as one batch.
 """
 
 from __future__ import annotations
@@ -107,26 +110,41 @@ def main(argv: list[str] | None = None) -> int:
 
         engine.sampler.fill_masks = timed_fill  # type: ignore[method-assign]
         run(engine, plain(), prompt)  # warm-up
+        run(engine, constrained(), prompt)  # the feature present: worker started, grammar compiled
         on, off, guided, steps = [], [], [], []
-        for r in range(args.rounds):
-            for feature in ("on", "off") if r % 2 == 0 else ("off", "on"):  # A B B A: no order bias
-                if feature == "off":
-                    engine._start_masks = lambda seqs: None  # type: ignore[method-assign]
+        on_ratio, guided_ratio = [], []
+
+        def unconstrained(feature: str) -> float:
+            if feature == "off":
+                engine._start_masks = lambda seqs: None  # type: ignore[method-assign]
+            try:
                 seconds, count = run(engine, plain(), prompt)
-                (on if feature == "on" else off).append(count / seconds)
+            finally:
                 engine._start_masks = start_masks  # type: ignore[method-assign]
+            (on if feature == "on" else off).append(count / seconds)
+            return count / seconds
+
+        for r in range(args.rounds):  # A B, B A: neither arm always runs first
+            first, second = ("on", "off") if r % 2 == 0 else ("off", "on")
+            tps = {first: unconstrained(first), second: unconstrained(second)}
+            on_ratio.append(tps["on"] / tps["off"])
+        for r in range(args.rounds):
             fill_s.clear()
+            ref = unconstrained("off") if r % 2 == 0 else 0.0
             seconds, count = run(engine, constrained(), prompt)
             guided.append(count / seconds)
             steps.append(statistics.mean(fill_s) * 1e3)
+            ref = ref or unconstrained("off")
+            guided_ratio.append(guided[-1] / ref)
     med = statistics.median
     print(f"machine: {cpu_model()}, preset {args.preset} {args.dtype}, "
           f"c={c}, {n} output tokens, {args.rounds} rounds (medians)")  # fmt: skip
     print("| workload | output tok/s | ratio |")
     print("|---|---|---|")
     print(f"| unconstrained, mask step off | {med(off):.1f} | 1.00 |")
-    print(f"| unconstrained, feature present | {med(on):.1f} | {med(on) / med(off):.3f} |")
-    print(f"| every request held to a JSON Schema | {med(guided):.1f} | {med(guided) / med(off):.3f} |")
+    print(f"| unconstrained, feature present | {med(on):.1f} | {med(on_ratio):.3f} |")
+    print(f"| every request held to a JSON Schema | {med(guided):.1f} | {med(guided_ratio):.3f} |")
+    print(f"per-round ratios, feature present / off: {' '.join(f'{x:.3f}' for x in on_ratio)}")
     print(
         f"mean mask fill per step ({c} rows, on the worker, overlapped with the forward): {med(steps):.2f} ms"
     )
