@@ -1,0 +1,72 @@
+"""bench/serving.py against the real server: every request streams exactly --max-tokens tokens
+from a token-id prompt, latencies are measured per token, and failures are counted, not fatal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from server_process import ServerProcess
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "serving.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_serving", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess([]) as srv:  # the embedded default model
+        yield srv
+
+
+def bench_args(base_url: str, max_tokens: int) -> argparse.Namespace:
+    return argparse.Namespace(
+        base_url=base_url, model="gpt-oss-tiny", api_key=None, max_tokens=max_tokens, timeout=60.0
+    )
+
+
+def test_each_request_streams_max_tokens_with_per_token_latencies(server):
+    bench = load_bench()
+    prompts = [[1_000 + 7 * i + j for j in range(20)] for i in range(5)]
+    level = asyncio.run(bench.run_level(bench_args(server.url + "/v1", 9), 3, prompts))
+    assert level.requests == len(level.results) == 5
+    for r in level.results:
+        assert r.error is None
+        assert r.output_tokens == 9  # ignore_eos holds the request to max_tokens
+        assert r.ttft_s is not None and r.ttft_s > 0
+        assert 1 <= len(r.gaps_s) <= 8 and all(g >= 0 for g in r.gaps_s)
+    cells = [c.strip() for c in level.row().strip("|").split("|")]
+    assert cells[0] == "3" and cells[1] == "5" and float(cells[2]) > 0 and cells[-1] == "0"
+
+
+def test_failures_are_counted_not_fatal(server):
+    bench = load_bench()
+    dead = bench_args("http://127.0.0.1:9/v1", 4)  # nothing listens on the discard port
+    level = asyncio.run(bench.run_level(dead, 2, [[1_000] * 4] * 3))
+    assert all(r.error for r in level.results)
+    assert level.row().rstrip().endswith("| 3 |")
+    bad = asyncio.run(bench.run_level(bench_args(server.url + "/v1", -1), 1, [[1_000] * 4]))
+    assert bad.results[0].error.startswith("HTTP 400")
+
+
+def test_cli_prints_a_table_and_the_servers_peak_memory(server):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--base-url", server.url + "/v1", "--concurrency", "1,2",
+         "--prompt-tokens", "16", "--max-tokens", "6", "--server-pid", str(server.proc.pid)],
+        capture_output=True, text=True, timeout=300, check=True,
+    ).stdout  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "2"]
+    assert all(r.rstrip().endswith("| 0 |") for r in rows)
+    assert "server peak RSS (VmHWM):" in out and "GiB" in out
