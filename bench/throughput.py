@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import platform
 import random
@@ -56,6 +57,8 @@ class LevelResult:
     elapsed_s: float
     output_tokens: int
     computed_tokens: int = 0
+    itl_p50_s: float = float("nan")  # engine only: gaps between a request's tokens
+    itl_p99_s: float = float("nan")
 
 
 def make_workload(
@@ -134,6 +137,7 @@ def engine_config(args: argparse.Namespace, model_dir: Path, max_num_seqs: int) 
         max_num_batched_tokens=args.max_num_batched_tokens,
         dequantize_experts=not args.packed_experts,
         kernels=args.kernels,
+        step_target=args.step_target,
     )
 
 
@@ -142,6 +146,7 @@ def run_engine_level(engine: LLMEngine, workload: list[Request], concurrency: in
     next_req = 0
     in_flight = 0
     ttfts: list[float] = []
+    gaps: list[float] = []
     output_tokens = 0
     before = engine.stats().num_batched_tokens
     t0 = time.perf_counter()
@@ -156,10 +161,14 @@ def run_engine_level(engine: LLMEngine, workload: list[Request], concurrency: in
                 in_flight -= 1
                 assert out.metrics is not None and out.metrics.time_to_first_token is not None
                 ttfts.append(out.metrics.time_to_first_token)
+                times = out.metrics.token_times
+                gaps.extend(b - a for a, b in itertools.pairwise(times))
     elapsed = time.perf_counter() - t0
     computed = engine.stats().num_batched_tokens - before
     assert engine.block_manager.all_free()
-    return LevelResult(output_tokens / elapsed, statistics.median(ttfts), elapsed, output_tokens, computed)
+    itl = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [float("nan")] * 99
+    return LevelResult(output_tokens / elapsed, statistics.median(ttfts), elapsed, output_tokens, computed,
+                       statistics.median(gaps) if gaps else float("nan"), itl[98])  # fmt: skip
 
 
 def decode_overhead_ms(engine: LLMEngine, batch: int, steps: int) -> tuple[float, float, float]:
@@ -250,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "--packed-experts", action="store_true", help="keep experts MXFP4 (default: dequantize at load)"
     )
     ap.add_argument("--kernels", default="auto", help="kernel backend: auto, reference, native-cpu")
+    ap.add_argument("--step-target", default="auto", help="the engine's step target: auto, off, or ms")
     ap.add_argument(
         "--overhead-steps", type=int, default=20, help="decode steps timed for the batch-64 overhead (median)"
     )
@@ -290,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     overhead_ms, sampler_ms, forward_ms = decode_overhead_ms(base, 64, args.overhead_steps)
     print(f"engine overhead at batch 64 decode (median step): {overhead_ms:.2f} ms, of which sampler {sampler_ms:.2f} ms "
           f"(forward {forward_ms:.1f} ms/step)")  # fmt: skip
+    overhead1_ms, sampler1_ms, forward1_ms = decode_overhead_ms(base, 1, args.overhead_steps)
+    print(f"engine overhead at batch 1 decode (median step): {overhead1_ms:.2f} ms, of which sampler {sampler1_ms:.2f} ms "
+          f"(forward {forward1_ms:.1f} ms/step)")  # fmt: skip
     del base
     engine_results: dict[int, LevelResult] = {}
     for c in levels:
@@ -297,8 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         engine_results[c] = r = run_engine_level(
             engine, level_workload(workload, c, args.requests_per_slot), c
         )
-        print(f"engine c={c}: {r.tok_s:.2f} tok/s, ttft p50 {r.ttft_p50_s:.2f} s, {r.elapsed_s:.1f} s, "
-              f"{r.computed_tokens} tokens computed", flush=True)  # fmt: skip
+        print(f"engine c={c}: {r.tok_s:.2f} tok/s, ttft p50 {r.ttft_p50_s:.2f} s, itl p50 {r.itl_p50_s * 1000:.1f} ms "
+              f"p99 {r.itl_p99_s * 1000:.1f} ms, {r.elapsed_s:.1f} s, {r.computed_tokens} tokens computed",
+              flush=True)  # fmt: skip
         del engine
     del model
     gc.collect()
@@ -329,9 +343,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(
-        "| concurrency | engine tok/s | transformers tok/s | ratio | engine TTFT p50 (s) | transformers TTFT p50 (s) | roofline fraction |"
+        "| concurrency | engine tok/s | transformers tok/s | ratio | engine TTFT p50 (s) | transformers TTFT p50 (s) "
+        "| engine ITL p50 (ms) | ITL p99 (ms) | p99/p50 | roofline fraction |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     summary: dict[str, dict[str, float | None]] = {}
     for c in levels:
         e = engine_results[c]
@@ -345,16 +360,21 @@ def main(argv: list[str] | None = None) -> int:
             "ratio": round(ratio, 3) if ratio is not None else None,
             "ttft_p50_s": round(e.ttft_p50_s, 3),
             "transformers_ttft_p50_s": round(h.ttft_p50_s, 3) if h else None,
+            "itl_p50_ms": round(e.itl_p50_s * 1000, 2),
+            "itl_p99_ms": round(e.itl_p99_s * 1000, 2),
             "roofline_fraction": round(fraction, 4),
         }
         print(f"| {c} | {e.tok_s:.2f} | {h.tok_s if h else float('nan'):.2f} | {ratio or float('nan'):.2f} | "
-              f"{e.ttft_p50_s:.2f} | {h.ttft_p50_s if h else float('nan'):.2f} | {fraction:.3f} |")  # fmt: skip
+              f"{e.ttft_p50_s:.2f} | {h.ttft_p50_s if h else float('nan'):.2f} | {e.itl_p50_s * 1000:.1f} | "
+              f"{e.itl_p99_s * 1000:.1f} | {e.itl_p99_s / e.itl_p50_s:.2f} | {fraction:.3f} |")  # fmt: skip
     if args.json:
         print(json.dumps({
             "levels": summary,
             "overhead_ms_per_step_b64": round(overhead_ms, 3),
             "sampler_ms_per_step_b64": round(sampler_ms, 3),
             "scheduler_ms_per_step_b64": round(overhead_ms - sampler_ms, 3),
+            "overhead_ms_per_step_b1": round(overhead1_ms, 3),
+            "sampler_ms_per_step_b1": round(sampler1_ms, 3),
         }))  # fmt: skip
     if tmp is not None:
         tmp.cleanup()

@@ -2,9 +2,9 @@
 
 The event loop never runs engine work: ``add_request`` validates (raising at once), puts
 the request in an inbox and returns an async iterator. The engine thread drains the inbox
-between steps, runs ``LLMEngine.step()``, and hands each output to its request's
-``asyncio.Queue`` with ``loop.call_soon_threadsafe``. When there is nothing to do the
-thread sleeps on a condition variable; adding or aborting a request wakes it.
+between steps, runs ``LLMEngine.step()``, and hands each step's outputs to their requests'
+``asyncio.Queue``s, with one ``loop.call_soon_threadsafe`` per event loop and step. When there
+is nothing to do the thread sleeps on a condition variable; adding or aborting a request wakes it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
     done: bool = False
+
+
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
 
 
 @dataclass
@@ -85,11 +90,11 @@ class AsyncEngine:
         # Whatever is still open ends now.
         with self._cond:
             streams, self._streams = self._streams, {}
-        for rid, stream in streams.items():
-            failure = EngineFailure(FailureKind.SHUTDOWN, "the engine is shutting down")
-            self._deliver(
-                stream, RequestOutput(request_id=rid, token_ids=[], finish_reason="abort", error=failure)
-            )
+        failure = EngineFailure(FailureKind.SHUTDOWN, "the engine is shutting down")
+        self._deliver([
+            (stream, RequestOutput(request_id=rid, token_ids=[], finish_reason="abort", error=failure))
+            for rid, stream in streams.items()
+        ])  # fmt: skip
 
     @property
     def engine(self) -> LLMEngine:
@@ -183,13 +188,19 @@ class AsyncEngine:
         return self.engine.kv_cache_tokens
 
     # -- the engine thread -----------------------------------------------------------------
-    def _deliver(self, stream: _Stream, out: RequestOutput) -> None:
-        if stream.done:
-            return
-        if out.finished:
-            stream.done = True
-        with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody listens
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+    def _deliver(self, batch: list[tuple[_Stream, RequestOutput]]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop per step (not
+        one per token), and each queue filled on its own loop's thread."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for stream, out in batch:
+            if stream.done:
+                continue
+            if out.finished:
+                stream.done = True
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that event loop is closed: nobody listens
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _drain_inbox(self, engine: LLMEngine) -> list[RequestOutput]:
         """Under the lock: move new requests and aborts into the engine."""
@@ -207,6 +218,9 @@ class AsyncEngine:
         return outputs
 
     def _publish(self, outputs: list[RequestOutput]) -> None:
+        if not outputs:
+            return
+        batch: list[tuple[_Stream, RequestOutput]] = []
         with self._cond:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
@@ -214,7 +228,8 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del self._streams[out.request_id]
-                self._deliver(stream, out)
+                batch.append((stream, out))
+            self._deliver(batch)
 
     def _run(self) -> None:
         engine = self.engine

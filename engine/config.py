@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .step_budget import parse_step_target
+
 DTYPES = ("float32", "bfloat16")
 DEFAULT_CPU_KV_BYTES = 1 << 30
 # On an accelerator: the share of the memory left after loading weights given to the cache
@@ -34,6 +36,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     max_num_seqs: int = 64  # running sequences per step
     max_num_batched_tokens: int = 2048  # new tokens per forward pass (decodes + prefill chunks)
+    # While requests decode, a step's prefill tokens are bounded to keep the step near this
+    # time (engine/step_budget.py): "auto" (twice the decode tokens' own time), milliseconds, "off".
+    step_target: str = "auto"
     max_model_len: int | None = None  # None: the model's context, capped by what the cache holds
     max_waiting: int = 1024  # bound of the waiting queue (QueueFullError beyond it)
     enable_prefix_caching: bool = True
@@ -49,6 +54,7 @@ class EngineConfig:
             raise ValueError("block_size must be positive")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        parse_step_target(self.step_target)  # ValueError on anything else
         if self.max_waiting < 0:
             raise ValueError("max_waiting must be >= 0")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:

@@ -20,6 +20,7 @@ from .model_runner import ModelRunner
 from .sampler import Sampler, TokenMasks
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
+from .step_budget import StepBudget
 from .types import (
     EngineDeadError,
     EngineFailure,
@@ -116,7 +117,12 @@ class LLMEngine:
             mc.sliding_window if has_sliding else None,
             config.enable_prefix_caching,
         )
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            StepBudget(config.step_target, config.max_num_batched_tokens),
+        )
         self.runner = ModelRunner(model, self.kv_cache, has_sliding)
         self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
         # Constrained requests' masks are filled here while the forward pass runs (the grammar
@@ -269,7 +275,9 @@ class LLMEngine:
         self.timing.steps += 1
         self.timing.forward_s += forward_s
         self.timing.sampler_s += sampler_s
-        self.timing.total_s += time.perf_counter() - t0
+        step_s = time.perf_counter() - t0
+        self.timing.total_s += step_s
+        self.scheduler.step_budget.observe(sched.num_tokens, step_s)
         return outputs
 
     def _start_masks(self, seqs: list[Sequence]) -> Future[TokenMasks | None] | None:

@@ -3,7 +3,8 @@
 Every step first gives each running sequence its next tokens: one for each decode (oldest
 first), then a chunk for each prompt still being prefilled. Then, with the token budget left, it
 admits waiting sequences in arrival order, each with a first prefill chunk (chunked
-prefill: a long prompt never stalls everyone's decoding). When a running sequence cannot
+prefill: a long prompt never stalls everyone's decoding). While anything decodes, the prefill
+tokens of a step are bounded further by `StepBudget`, so the step stays near a target time. When a running sequence cannot
 get the blocks it needs, the newest running sequence is preempted: its blocks are freed and
 it goes back to the head of the queue, to be recomputed from its tokens later.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import KVBlockManager
 from .sequence import Sequence, SequenceStatus
+from .step_budget import StepBudget
 
 
 @dataclass
@@ -39,10 +41,17 @@ class SchedulerCounters:
 
 
 class Scheduler:
-    def __init__(self, block_manager: KVBlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self,
+        block_manager: KVBlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        step_budget: StepBudget | None = None,
+    ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.step_budget = step_budget or StepBudget("off", max_num_batched_tokens)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.counters = SchedulerCounters()
@@ -69,21 +78,20 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.counters.num_preemptions += 1
 
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+    def _grow_running(
+        self,
+        todo: list[tuple[Sequence, int]],
+        budget: int,
+        scheduled: dict[Sequence, int],
+        out: SchedulerOutput,
+    ) -> int:
+        """Give each running sequence of ``todo`` its next tokens within ``budget``, preempting
+        the newest running sequence while blocks are short; returns the budget left."""
         bm = self.block_manager
-
-        # Running sequences first: decodes (oldest first), then prefill chunks still under
-        # way, so a long prompt never holds up everyone's next token.
-        uncomputed = [(s, s.num_uncomputed_tokens) for s in self.running]
-        decodes = [(s, n) for s, n in uncomputed if n == 1]
-        chunks = [(s, n) for s, n in uncomputed if n > 1]
-        scheduled: dict[Sequence, int] = {}
-        for seq, left in decodes + chunks:
+        for seq, left in todo:
             if budget <= 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
                 continue
             n = min(left, budget)
             while not bm.can_schedule(seq, n):
@@ -97,6 +105,22 @@ class Scheduler:
                 bm.grow(seq, n)
                 scheduled[seq] = n
                 budget -= n
+        return budget
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        bm = self.block_manager
+
+        # Running sequences first: decodes (oldest first), then prefill chunks still under
+        # way, so a long prompt never holds up everyone's next token.
+        uncomputed = [(s, s.num_uncomputed_tokens) for s in self.running]
+        decodes = [(s, n) for s, n in uncomputed if n == 1]
+        chunks = [(s, n) for s, n in uncomputed if n > 1]
+        scheduled: dict[Sequence, int] = {}
+        budget = self._grow_running(decodes, self.max_num_batched_tokens, scheduled, out)
+        if chunks or self.waiting:  # prefill beside the decodes: bounded by the step budget
+            budget = min(budget, self.step_budget.prefill_tokens(sum(scheduled.values())))
+        budget = self._grow_running(chunks, budget, scheduled, out)
         out.seqs.extend(scheduled)
         out.num_new_tokens.extend(scheduled.values())
 

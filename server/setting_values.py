@@ -10,6 +10,7 @@ import argparse
 import re
 from urllib.parse import urlsplit
 
+from engine.step_budget import parse_step_target
 from server.response_store_redis import redact_url
 
 _BYTE_UNITS = {
@@ -86,6 +87,18 @@ def _check_redis_url(text: str) -> None:
         raise SettingValueError(
             f"the response store URL's database must be a number, not {db!r}: {redact_url(text)!r}; {hint}"
         )
+
+
+class StepTarget(str):
+    """``auto``, ``off`` or a step time in milliseconds (engine/step_budget.py)."""
+
+    def __new__(cls, text: str) -> StepTarget:
+        text = text.strip().lower()
+        try:
+            parse_step_target(text)
+        except ValueError as exc:
+            raise SettingValueError(str(exc)) from None
+        return super().__new__(cls, text)
 
 
 class SecretText(str):

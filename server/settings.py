@@ -19,6 +19,7 @@ from harmony.conversation import REASONING_EFFORTS
 from server.setting_values import (
     ResponseStoreSpec,
     SecretText,
+    StepTarget,
     format_bytes,
 )
 
@@ -100,6 +101,15 @@ class ServerSettings:
     max_num_seqs: int = setting(64, "sequences running at once", minimum=1, engine=True)
     max_num_batched_tokens: int = setting(
         2048, "budget of one forward pass (decodes + prefill chunks)", unit="tokens", minimum=1, engine=True
+    )
+    step_target: StepTarget = setting(  # noqa: RUF009
+        StepTarget("auto"),
+        "while requests are decoding, a step's prefill tokens are bounded so the step takes about "
+        "this long, which bounds the inter-token stall a long prompt causes: `auto` = twice the "
+        "time of the step's decode tokens alone (learned from the steps run), a number of "
+        "milliseconds, or `off` (only `--max-num-batched-tokens`). With nothing decoding, prefill "
+        "always runs at full size",
+        engine=True,
     )
     max_model_len: int | None = setting(
         None, "context length cap in tokens", unit="tokens", minimum=1, shown="model's", engine=True

@@ -96,6 +96,38 @@ def test_streams_match_the_sync_engine(ckpt: Path, model: torch.nn.Module) -> No
     assert not engine.is_alive
 
 
+def test_one_wake_up_of_the_event_loop_per_step(ckpt: Path, model: torch.nn.Module) -> None:
+    """A step's outputs for many streams reach the loop in one call_soon_threadsafe, not one
+    per token (each call wakes the loop through its self-pipe)."""
+    engine = AsyncEngine(LLMEngine(config(ckpt), model=model))
+    engine.start()
+    try:
+        wakeups = 0
+
+        async def main() -> list[list[RequestOutput]]:
+            nonlocal wakeups
+            loop = asyncio.get_running_loop()
+            plain = loop.call_soon_threadsafe
+
+            def counting(*args: object, **kw: object) -> object:
+                nonlocal wakeups
+                if threading.current_thread().name == "engine-loop":
+                    wakeups += 1
+                return plain(*args, **kw)  # type: ignore[arg-type]
+
+            loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+            params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+            streams = [engine.add_request(f"w{i}", [5 + i, 6, 7], params) for i in range(6)]
+            return await asyncio.gather(*(collect(s) for s in streams))
+
+        results = asyncio.run(main())
+        assert all(sum(len(o.token_ids) for o in outs) == 10 for outs in results)
+        steps = engine.engine.timing.steps
+        assert 10 <= steps <= 20 and wakeups <= steps + 1  # 60 tokens, at most one wake-up per step
+    finally:
+        engine.shutdown()
+
+
 def test_abort_errors_and_disconnect(ckpt: Path, model: torch.nn.Module) -> None:
     engine = AsyncEngine(LLMEngine(config(ckpt, max_model_len=300, max_num_seqs=1), model=model))
     engine.start()

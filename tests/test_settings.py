@@ -230,6 +230,8 @@ def test_env_parsing_of_each_kind(env, field, value):
         ({"GPTOSS_DTYPE": "int3"}, "invalid choice 'int3' (choose from auto, float32, bfloat16)"),
         ({"GPTOSS_DEFAULT_REASONING_EFFORT": "max"}, "choose from low, medium, high"),
         ({"GPTOSS_MAX_BODY_BYTES": "0"}, "size must be positive"),
+        ({"GPTOSS_STEP_TARGET": "fast"}, "step target must be 'auto', 'off' or milliseconds > 0"),
+        ({"GPTOSS_STEP_TARGET": "-3"}, "step target must be 'auto', 'off' or milliseconds > 0"),
     ],
 )
 def test_bad_env_value_is_a_clear_error(capsys, env, message):
@@ -249,6 +251,7 @@ def test_a_bad_env_value_fails_even_when_a_flag_overrides_it(capsys):
         (["--max-num-seqs", "0"], "argument --max-num-seqs: must be a positive integer: 0"),
         (["--dtype", "int3"], "argument --dtype: invalid choice"),
         (["--kv-cache-memory", "lots"], "argument --kv-cache-memory: not a size"),
+        (["--step-target", "0"], "argument --step-target: step target must be"),
         (["--scripted-tokens", "x.json"], "unrecognized arguments: --scripted-tokens"),
     ],
 )
@@ -286,6 +289,7 @@ def test_every_env_var_is_read():
         "list": ("u,v", ["u", "v"]),
         "Path": ("/p", Path("/p")),
         "ResponseStoreSpec": ("redis://h:6379/0", "redis://h:6379/0"),  # validated: memory or a URL
+        "StepTarget": ("40", "40"),  # validated: auto, off or milliseconds
     }
     for s in DECLARED:
         if s.choices is not None:
