@@ -19,6 +19,7 @@ query can still see, so blocks that fell out of the window (table entry -1) are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +41,9 @@ DECODE_GROUP_MIN_FILL = 0.75
 
 
 @dataclass
-class _Decode:
-    """All single-token sequences of the step, batched."""
+class DecodeGroup:
+    """A group of the step's single-token sequences, attended together (the reference
+    gathers their blocks into one padded copy; a backend may read them in place)."""
 
     rows: torch.Tensor  # [B] token row of each decode query
     blocks: torch.Tensor  # [B * NBLK] int64 physical blocks, sequence by sequence (padding -> block 0)
@@ -70,11 +72,17 @@ class _Prefill:
     tiles: list[_Tile]
 
 
+# (group, q, k_cache, v_cache, sinks, sm_scale, out) -> None: writes out[group.rows].
+DecodeGroupFn = Callable[
+    ["DecodeGroup", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, torch.Tensor], None
+]
+
+
 @dataclass
 class AttentionPlan:
     write_blocks: torch.Tensor | None  # [T] int64 physical block of every new token; None = no cache
     write_offsets: torch.Tensor | None  # [T] int64 its slot within the block
-    decode: list[_Decode]  # groups of decode sequences (bounded gathered-key memory)
+    decode: list[DecodeGroup]  # groups of decode sequences (bounded gathered-key memory)
     prefill: list[_Prefill]
 
 
@@ -127,7 +135,7 @@ def _decode_group(
     block_size: int,
     window: int | None,
     device: torch.device,
-) -> _Decode:
+) -> DecodeGroup:
     """Keys of a decode token at position p: [first, p], first = 0 or p - window + 1, read
     as the whole blocks that hold them, padded to the group's widest block range (padding
     masked, pointing at block 0)."""
@@ -145,7 +153,7 @@ def _decode_group(
     q_pos = torch.tensor([n - 1 for n in totals], device=device)
     mask = _window_mask(q_pos[:, None], k_pos.reshape(len(seqs), -1), window)[:, 0]  # [B, NBLK*bs]
     rows = torch.tensor([starts[s] for s in seqs], device=device)
-    return _Decode(rows=rows, blocks=blocks.reshape(-1), mask=mask)
+    return DecodeGroup(rows=rows, blocks=blocks.reshape(-1), mask=mask)
 
 
 def build_plan(
@@ -242,10 +250,13 @@ def paged_attention(
     sinks: torch.Tensor,
     sm_scale: float,
     out: torch.Tensor | None = None,
+    decode_group: DecodeGroupFn | None = None,
 ) -> torch.Tensor:
     """q [T, H, D]; k, v [T, KVH, D] (cache dtype); caches [KVH, blocks, block_size, D].
     Writes k/v to the cache, then attends (softmax in fp32). Returns [T, H, D] in q's dtype:
-    ``out`` when given (every row is written), else a new tensor."""
+    ``out`` when given (every row is written), else a new tensor. ``decode_group`` attends one
+    group of decode sequences (a backend's kernel); default ``attend_decode_group``."""
+    decode_group = decode_group or attend_decode_group
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if plan.write_blocks is not None:
@@ -255,10 +266,7 @@ def paged_attention(
         v_cache[:, plan.write_blocks, plan.write_offsets] = v.transpose(0, 1).to(v_cache.dtype)
     for g in plan.decode:
         assert k_cache is not None and v_cache is not None
-        b = g.rows.shape[0]
-        kvh, d = k_cache.shape[0], k_cache.shape[3]
-        keys, values = (x.view(kvh, b, -1, d) for x in _gather_blocks(k_cache, v_cache, g.blocks))
-        out[g.rows] = decode_attention_with_sinks(q[g.rows], keys, values, g.mask, sinks, sm_scale)
+        decode_group(g, q, k_cache, v_cache, sinks, sm_scale, out)
     for p in plan.prefill:
         if p.blocks is None:  # no cache: the sequence's own new tokens are its keys
             keys = k[p.row_start : p.row_end].transpose(0, 1)
@@ -280,6 +288,23 @@ def paged_attention(
                 sm_scale,
             )[0]
     return out
+
+
+def attend_decode_group(
+    g: DecodeGroup,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
+    out: torch.Tensor,
+) -> None:
+    """``out[g.rows]`` for one group of decode sequences: their blocks gathered into one
+    padded copy, then ``decode_attention_with_sinks``."""
+    b = g.rows.shape[0]
+    kvh, d = k_cache.shape[0], k_cache.shape[3]
+    keys, values = (x.view(kvh, b, -1, d) for x in _gather_blocks(k_cache, v_cache, g.blocks))
+    out[g.rows] = decode_attention_with_sinks(q[g.rows], keys, values, g.mask, sinks, sm_scale)
 
 
 def decode_attention_with_sinks(

@@ -152,11 +152,12 @@ ATTENTION_CASES = {
 }
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("name", HERE)
-def test_attention_matches_the_reference(name, shape, case, window):
+def test_attention_matches_the_reference(name, shape, case, window, dtype):
     c = SHAPES[shape]
     heads, kv_heads, d = c["num_heads"], c["num_kv_heads"], c["head_dim"]
     block_size = 4
@@ -165,20 +166,20 @@ def test_attention_matches_the_reference(name, shape, case, window):
     plan = build_plan(meta, table, block_size, window)
     g = torch.Generator().manual_seed(3)
     t = meta.positions.shape[0]
-    q, k, v = (torch.randn(t, n, d, generator=g) for n in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(t, n, d, generator=g).to(dtype) for n in (heads, kv_heads, kv_heads))
     sinks = torch.randn(heads, generator=g)
-    caches = [torch.randn(kv_heads, num_blocks, block_size, d, generator=g) for _ in range(2)]
+    caches = [torch.randn(kv_heads, num_blocks, block_size, d, generator=g).to(dtype) for _ in range(2)]
     ours_caches = [x.clone() for x in caches] if cached else [None, None]
     ref_caches = [x.clone() for x in caches] if cached else [None, None]
     scale = d**-0.5
-    got = backend(name, torch.float32).attention(plan, q, k, v, *ours_caches, sinks, scale)
-    expected = ReferenceKernels(CPU, torch.float32).attention(plan, q, k, v, *ref_caches, sinks, scale)
-    assert max_relative_error(got, expected) <= TOLERANCE[torch.float32]
+    got = backend(name, dtype).attention(plan, q, k, v, *ours_caches, sinks, scale)
+    expected = ReferenceKernels(CPU, dtype).attention(plan, q, k, v, *ref_caches, sinks, scale)
+    assert got.dtype == dtype and max_relative_error(got, expected) <= TOLERANCE[dtype]
     if cached:
         assert all(torch.equal(a, b) for a, b in zip(ours_caches, ref_caches, strict=True))
         assert not torch.equal(ref_caches[0], caches[0])  # the new keys were written
     out = torch.full_like(q, float("nan"))
-    assert backend(name, torch.float32).attention(plan, q, k, v, *ours_caches, sinks, scale, out=out) is out
+    assert backend(name, dtype).attention(plan, q, k, v, *ours_caches, sinks, scale, out=out) is out
     assert torch.equal(out, got)
 
 

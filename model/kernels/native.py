@@ -1,5 +1,6 @@
 """The ``native-cpu`` backend: the reference everywhere but the experts, whose MXFP4 weights
-``model/kernels/native_cpu/`` multiplies packed (its ``PackedExperts`` and ``moe_experts``).
+``model/kernels/native_cpu/`` multiplies packed (its ``PackedExperts`` and ``moe_experts``),
+and decode attention, which reads the paged cache in place (``paged_decode_attention``).
 
 Imported by ``select.py`` only for a CPU device, after ``native_cpu.available()`` said yes,
 so nothing here is loaded on a GPU machine. Dense experts (``--dequantize-experts``, the
@@ -16,6 +17,7 @@ import torch
 
 from ..config import ModelConfig
 from ..layers import ExpertWeights
+from ..paged_attention import AttentionPlan, DecodeGroup, attend_decode_group, paged_attention
 from .reference import ReferenceKernels
 from .select import NATIVE_CPU
 
@@ -62,3 +64,43 @@ class NativeCpuKernels(ReferenceKernels):
         return self.native_cpu.moe_experts(
             x, routing_weights, expert_ids, experts.native, config.swiglu_alpha, config.swiglu_limit, out=out
         )
+
+    def attention(
+        self,
+        plan: AttentionPlan,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+        sinks: torch.Tensor,
+        sm_scale: float,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return paged_attention(plan, q, k, v, k_cache, v_cache, sinks, sm_scale, out=out,
+                               decode_group=self._decode_group)  # fmt: skip
+
+    def _decode_group(
+        self,
+        g: DecodeGroup,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        sinks: torch.Tensor,
+        sm_scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        native = (
+            q.dtype in NATIVE_DTYPES
+            and k_cache.dtype == q.dtype
+            and out.dtype == q.dtype
+            and out.is_contiguous()
+            and k_cache.is_contiguous()
+            and v_cache.is_contiguous()
+        )
+        if not native:
+            return attend_decode_group(g, q, k_cache, v_cache, sinks, sm_scale, out)
+        self.native_cpu.paged_decode_attention(
+            q, k_cache, v_cache, g.rows, g.blocks, g.mask, sinks, sm_scale, out
+        )
+        return None

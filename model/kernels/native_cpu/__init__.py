@@ -20,6 +20,9 @@ API:
 - ``PackedExperts.from_expert_weights(experts)``: one layer's packed experts re-laid out once
   (16 output rows interleaved per byte column; same size as the checkpoint's tensors).
 - ``moe_experts(x, weights, ids, packed, swiglu_alpha, swiglu_limit, out=None) -> Tensor``.
+- ``paged_decode_attention(q, k_cache, v_cache, rows, blocks, mask, sinks, sm_scale, out)``:
+  the decode queries of one plan group attended over the cache blocks in place
+  (``attention.cpp``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "is_built",
     "isa",
     "moe_experts",
+    "paged_decode_attention",
     "unavailable_reason",
 ]
 
@@ -60,7 +64,8 @@ AMX_MIN_ROWS = 4
 _AMX_SCALE_RANGE = (2, 252)
 
 _DIR = Path(__file__).resolve().parent
-_SOURCES = ("moe.cpp", "tile_generic.h")
+_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp")
+_COMPILED = ("moe.cpp", "attention.cpp")
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
 _OK_MARKER = "built.ok"
@@ -119,7 +124,7 @@ def _load() -> None:
                     lock.unlink(missing_ok=True)
                 load(
                     name=name,
-                    sources=[str(_DIR / "moe.cpp")],
+                    sources=[str(_DIR / name) for name in _COMPILED],
                     extra_cflags=list(_CFLAGS),
                     extra_ldflags=list(_LDFLAGS),
                     build_directory=str(build_dir),
@@ -329,3 +334,34 @@ def moe_experts(
         out,
     )
     return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    blocks: torch.Tensor,
+    mask: torch.Tensor,
+    sinks: torch.Tensor,
+    sm_scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Writes ``out[rows]`` for one group of decode sequences (``model.paged_attention``'s
+    ``DecodeGroup``: rows [B], blocks [B * NBLK] physical blocks in logical order, mask [B, NBLK *
+    block_size]): each query against its keys read from the caches [KVH, blocks, block_size,
+    D] where they are, with the heads' sinks [H] (fp32). q and out [T, H, D] and the caches
+    share one dtype (fp32 or bf16). Raises RuntimeError when the kernel is unavailable."""
+    if not available():
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    torch.ops.gptoss_native.paged_decode_attention(
+        q.contiguous(),
+        k_cache,
+        v_cache,
+        rows.to(torch.int64).contiguous(),
+        blocks.to(torch.int64).contiguous(),
+        mask.contiguous(),
+        sinks.to(torch.float32).contiguous(),
+        float(sm_scale),
+        out,
+    )
