@@ -131,7 +131,15 @@ def load_model(
         bar.close()
     chosen = select_kernels(kernels, device, dtype, config, weights)
     model = GptOssModel(config, weights, dtype, chosen)
-    model.prepack()  # the kernels' one-time preparation (reference: a no-op off the CPU or outside bf16)
+
+    def release_experts(layer: int) -> None:
+        for key in ("mlp1.blocks", "mlp1.scales", "mlp2.blocks", "mlp2.scales"):
+            files.release(names(layer)[key])
+
+    # The kernels' one-time preparation (reference: a no-op off the CPU or outside bf16).
+    # A backend that copies the packed experts into its own layout frees the mapped ones
+    # layer by layer: otherwise both stay resident (2 x 12 GB on the 20b).
+    model.prepack(released=release_experts)
     return model
 
 

@@ -101,6 +101,22 @@ class SafetensorsDir:
     def nbytes(self) -> int:
         return sum(e.end - e.begin for e in self.entries.values())
 
+    def release(self, name: str) -> None:
+        """Drop this tensor's pages from the process's memory (``MADV_DONTNEED`` on the whole
+        pages inside its byte range) once nothing reads its view any more: e.g. experts a
+        kernel backend copied into a layout of its own, which would otherwise stay resident
+        beside the copy. The mapping is private and never written, so a later read of the
+        view would only fault the pages back in from the file."""
+        entry = self.entries.get(name)
+        buf = self._maps.get(entry.file) if entry is not None else None
+        if entry is None or buf is None:
+            return
+        page = mmap.PAGESIZE
+        start = -(-entry.begin // page) * page  # inward: never a neighbour's page
+        end = entry.end // page * page
+        if end > start:
+            buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor as a zero-copy view of the mapped file; checks its shape if given."""
         entry = self.entries.get(name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,15 +55,20 @@ class GptOssModel(torch.nn.Module):
         self.rope = YarnRope(config, self.device)
         self.kernels: Kernels = kernels if kernels is not None else ReferenceKernels(self.device, dtype)
 
-    def prepack(self) -> None:
+    def prepack(self, released: Callable[[int], None] | None = None) -> None:
         """Let the kernels put the experts and the unembedding in the form they read, once,
-        at load. The reference prepacks dense experts and the unembedding for oneDNN where
+        at load; ``released(i)`` is told, layer by layer, when layer i's packed experts as
+        loaded are no longer read (the backend copied them), so the loader can free them
+        before the next layer's copy. The reference prepacks dense experts and the unembedding for oneDNN where
         that path exists (bf16 on the CPU; see model/prepacked.py): same results, faster
         small-batch matmuls. (The attention projections are left plain: prepacking them saved
         ~1% of a decode step and cost 1.3 GB more memory on the 20b.)"""
         self.kernels.prepare_lm_head(self.weights)
-        for layer in self.weights.layers:
+        for i, layer in enumerate(self.weights.layers):
+            before = layer.experts.mlp1_blocks
             layer.experts = self.kernels.prepare_experts(layer.experts, self.config)
+            if released is not None and before is not None and layer.experts.mlp1_blocks is not before:
+                released(i)  # the backend holds a copy of its own: the loaded one can go
 
     def weights_nbytes(self) -> int:
         """Bytes of all weight tensors as held (packed experts count at 4.25 bits)."""

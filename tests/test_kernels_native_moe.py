@@ -248,3 +248,35 @@ def test_second_process_loads_the_cached_build():
     info = json.loads(result.stdout.strip().splitlines()[-1])
     assert info["compiled"] is False
     assert info["path"] == native_cpu.build_info()["path"]
+
+
+def test_loading_with_the_native_backend_releases_the_mapped_experts(tmp_path, monkeypatch):
+    """The backend copies the packed experts into its own layout; the loader then frees the
+    mapped ones layer by layer (else both stay resident: 2 x 12 GB on the 20b). The
+    reference reads the mapped ones at every step and keeps them."""
+    from model.checkpoint import make_checkpoint
+    from model.loader import load_model
+    from model.safetensors_reader import SafetensorsDir
+
+    ckpt = make_checkpoint(tmp_path / "ck", preset="tiny", layout="hf", seed=4)
+    released: list[str] = []
+    plain = SafetensorsDir.release
+    monkeypatch.setattr(
+        SafetensorsDir, "release", lambda self, name: (released.append(name), plain(self, name))
+    )
+    native = load_model(ckpt, torch.float32, "cpu", kernels="native-cpu")
+    layers_n = native.config.num_layers
+    assert len(released) == 4 * layers_n and len(set(released)) == 4 * layers_n
+    assert all(name.endswith(("_blocks", "_scales")) for name in released)
+    released.clear()
+    load_model(ckpt, torch.float32, "cpu", kernels="reference")
+    assert released == []
+    ids = torch.tensor([1, 2, 3])  # the native model still computes (its own copy)
+    from model.batch import BatchMetadata
+
+    meta = BatchMetadata(
+        positions=torch.arange(3), query_start=torch.tensor([0, 3]), context_lens=torch.tensor([0]),
+        full_block_table=None, sliding_block_table=None, logits_indices=torch.tensor([2]),
+        query_lens_cpu=[3], context_lens_cpu=[0],
+    )  # fmt: skip
+    assert torch.isfinite(native(ids, meta, None)).all()

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from safetensors import safe_open
 from model.checkpoint import _Canonical, _hf_specs, make_checkpoint
 from model.config import PRESETS, ModelConfig
 from model.loader import load_model
-from model.safetensors_reader import CheckpointError
+from model.safetensors_reader import CheckpointError, SafetensorsDir
+from model.safetensors_writer import TensorSpec, write_safetensors
 
 SMALL = {"vocab_size": 512, "pad_token_id": 0, "eos_token_id": 1}
 
@@ -199,3 +202,27 @@ def test_repo_with_both_layouts_loads_the_hf_one(tmp_path):
     both = load_model(root, dtype=torch.float32)(ids, meta, None)
     only_original = load_model(root / "original", dtype=torch.float32)(ids, meta, None)
     assert torch.equal(both, only_original)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the RSS from /proc (Linux)")
+def test_release_drops_a_tensors_pages_and_it_still_reads_back(tmp_path: Path) -> None:
+    data = torch.arange(16 << 20, dtype=torch.int32).view(-1, 1024)  # 64 MB
+    specs = [
+        TensorSpec("small", torch.float32, (3,), lambda: [torch.ones(3)]),
+        TensorSpec("big", torch.int32, tuple(data.shape), lambda: [data]),
+    ]
+    write_safetensors(tmp_path / "model.safetensors", specs)
+    files = SafetensorsDir(tmp_path)
+    small, big = files.get("small"), files.get("big")
+    assert int(big.sum(dtype=torch.int64)) == int(data.sum(dtype=torch.int64))  # every page touched
+    touched = _rss_bytes()
+    files.release("big")
+    assert touched - _rss_bytes() > 48 << 20  # most of the 64 MB left the process
+    assert torch.equal(small, torch.ones(3))  # a neighbour keeps its page
+    assert torch.equal(big, data)  # read back from the file
+    files.release("missing")  # unknown names are nothing to release
