@@ -67,6 +67,11 @@ class StepCostModel:
             ys.append(top)
         self._points = (xs, ys)
 
+    def smallest_observed(self) -> float | None:
+        """The mean token count of the smallest bucket observed (None before any step)."""
+        xs = self._points[0]
+        return xs[0] if xs else None
+
     def predict(self, tokens: float) -> float | None:
         """Seconds of a step of ``tokens`` tokens; None before any step was observed. Below the
         smallest bucket: its time; beyond the largest: the line through the two largest (with a
@@ -86,8 +91,14 @@ class StepCostModel:
 
     def max_tokens(self, seconds: float, limit: int) -> int:
         """The largest token count up to ``limit`` whose predicted step fits in ``seconds``
-        (``limit`` if nothing was observed yet; 0 if not even one token fits)."""
-        if self.predict(limit) is None or self.predict(limit) <= seconds:  # type: ignore[operator]
+        (``limit`` if nothing was observed yet; 0 if not even one token fits). Never more
+        than twice the largest step measured: past it the line is a guess (a small model's
+        first steps cost the same at 4 and at 32 tokens, which says nothing about 600)."""
+        xs = self._points[0]
+        if not xs:
+            return limit
+        limit = min(limit, int(2 * xs[-1]))
+        if self.predict(limit) <= seconds:  # type: ignore[operator]
             return limit
         lo, hi = 0, limit  # predict(lo) fits (or lo == 0), predict(hi) does not
         while hi - lo > 1:
@@ -116,9 +127,16 @@ class StepBudget:
             return limit
         target = self.target_s
         if target is None:
-            decode_s = self.cost.predict(decode_tokens)
-            if decode_s is None:
+            smallest = self.cost.smallest_observed()
+            if smallest is None:
                 return limit
+            if smallest > 2 * (decode_tokens + MIN_PREFILL_TOKENS):
+                # Only big steps seen so far (a burst of prompts before anything decoded):
+                # what decode tokens cost alone is unknown, and guessing it from a 2,048-token
+                # step would let every stall through. One small step measures it.
+                return min(limit, MIN_PREFILL_TOKENS)
+            decode_s = self.cost.predict(decode_tokens)
+            assert decode_s is not None
             target = AUTO_FACTOR * decode_s
         total = self.cost.max_tokens(target, self.max_num_batched_tokens)
         return min(limit, max(total - decode_tokens, MIN_PREFILL_TOKENS))

@@ -163,3 +163,18 @@ def test_engine_splits_a_long_prompt_beside_decodes_and_gives_the_same_tokens(
     assert auto == off and all(len(v) == 40 for v in auto.values())  # nothing lost, same greedy tokens
     # off: the 600-token prompt goes in one step beside the decodes; auto: in several chunks
     assert len(auto_steps) > len(off_steps)
+
+
+def test_auto_measures_small_steps_before_trusting_a_burst_of_big_ones() -> None:
+    """After a burst of 2,048-token prefills (nothing decoded yet), the cost of decode tokens
+    alone is unknown: auto takes one small step to measure it instead of letting a
+    2,048-token chunk stall the first decoding streams."""
+    cost = affine(0.04, 0.001)
+    b = StepBudget("auto", 2048)
+    for _ in range(3):
+        b.observe(2048, cost(2048))
+    assert b.prefill_tokens(3) == MIN_PREFILL_TOKENS  # the probe
+    b.observe(3 + MIN_PREFILL_TOKENS, cost(3 + MIN_PREFILL_TOKENS))
+    p = b.prefill_tokens(3)
+    assert MIN_PREFILL_TOKENS < p < 2048 - 3
+    assert cost(3 + p) <= 2 * cost(3 + MIN_PREFILL_TOKENS) * 1.01  # near twice the small step

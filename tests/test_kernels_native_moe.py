@@ -280,3 +280,33 @@ def test_loading_with_the_native_backend_releases_the_mapped_experts(tmp_path, m
         query_lens_cpu=[3], context_lens_cpu=[0],
     )  # fmt: skip
     assert torch.isfinite(native(ids, meta, None)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("kv_heads", "group", "head_dim", "block"), [(1, 1, 32, 4), (2, 3, 64, 16), (3, 5, 48, 8)]
+)
+def test_paged_decode_attention_matches_the_reference(dtype, kv_heads, group, head_dim, block):
+    """The kernel itself in both dtypes (the backend routes only fp32 to it: in bf16 the
+    reference is faster, see model/kernels/native.py): rows written, others untouched."""
+    from model.paged_attention import DecodeGroup, attend_decode_group
+
+    g = torch.Generator().manual_seed(kv_heads * 100 + head_dim)
+    heads, num_blocks, batch, nblk, tokens = kv_heads * group, 30, 4, 5, 7
+    kc, vc = (torch.randn(kv_heads, num_blocks, block, head_dim, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    rows = torch.tensor([0, 2, 3, 6])
+    blocks = torch.randint(0, num_blocks, (batch * nblk,), generator=g)
+    mask = torch.rand(batch, nblk * block, generator=g) < 0.6
+    mask[:, 0] = True  # every query sees at least its own key
+    sinks = torch.randn(heads, generator=g)
+    group_ = DecodeGroup(rows=rows, blocks=blocks, mask=mask)
+    expected = torch.zeros(tokens, heads, head_dim, dtype=dtype)
+    attend_decode_group(group_, q, kc, vc, sinks, head_dim**-0.5, expected)
+    got = torch.full_like(expected, 7.0)
+    native_cpu.paged_decode_attention(q, kc, vc, rows, blocks, mask, sinks, head_dim**-0.5, got)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    scale = expected[rows].float().abs().amax(-1, keepdim=True)
+    assert ((got[rows].float() - expected[rows].float()).abs() / scale).max() <= tolerance
+    untouched = [i for i in range(tokens) if i not in rows.tolist()]
+    assert (got[untouched] == 7.0).all()

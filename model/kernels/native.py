@@ -1,6 +1,6 @@
 """The ``native-cpu`` backend: the reference everywhere but the experts, whose MXFP4 weights
 ``model/kernels/native_cpu/`` multiplies packed (its ``PackedExperts`` and ``moe_experts``),
-and decode attention, which reads the paged cache in place (``paged_decode_attention``).
+and decode attention in fp32, which reads the paged cache in place (``paged_decode_attention``).
 
 Imported by ``select.py`` only for a CPU device, after ``native_cpu.available()`` said yes,
 so nothing here is loaded on a GPU machine. Dense experts (``--dequantize-experts``, the
@@ -22,6 +22,11 @@ from .reference import ReferenceKernels
 from .select import NATIVE_CPU
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
+# Where paged_decode_attention beats the reference's gather + matmuls (bench/attention_kernel.py,
+# AMD EPYC, 2026-12-03): fp32 1.3-2.7x at batch 16-64. In bf16 the reference's oneDNN bf16
+# matmuls win below ~512 keys (0.67-0.81x), so bf16 keeps the reference until the kernel
+# uses bf16 dot products too.
+NATIVE_ATTENTION_DTYPES = (torch.float32,)
 
 
 @dataclass
@@ -91,7 +96,7 @@ class NativeCpuKernels(ReferenceKernels):
         out: torch.Tensor,
     ) -> None:
         native = (
-            q.dtype in NATIVE_DTYPES
+            q.dtype in NATIVE_ATTENTION_DTYPES
             and k_cache.dtype == q.dtype
             and out.dtype == q.dtype
             and out.is_contiguous()
