@@ -23,6 +23,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
+async def sse_lines(resp: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines as SSE defines them (split at LF, CR dropped), not as str.splitlines
+    does (httpx's aiter_lines also breaks at U+2028, U+0085..., which a server may leave raw
+    inside a JSON string: llama-server does)."""
+    buf = b""
+    async for data in resp.aiter_bytes():
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode("utf-8", errors="replace")
+    if buf:
+        yield buf.rstrip(b"\r").decode("utf-8", errors="replace")
+
+
 async def one_request(
     client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int
 ) -> RequestResult:
@@ -68,7 +83,7 @@ async def one_request(
             if resp.status_code != 200:
                 result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return result
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp):
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[5:])
@@ -170,9 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         "| concurrency | requests | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    errors: list[str] = []
     for c in levels:
         n = args.requests or max(4, 2 * c)
-        print(asyncio.run(run_level(args, c, prompts(n))).row(), flush=True)
+        level = asyncio.run(run_level(args, c, prompts(n)))
+        print(level.row(), flush=True)
+        errors += [f"c={c}: {r.error}" for r in level.results if r.error is not None]
+    for e in errors[:5]:  # what failed, so a count in the table can be told from a bug
+        print(f"error: {e}")
     if args.server_pid is not None:
         rss = peak_rss_gib(args.server_pid)
         print(f"server peak RSS (VmHWM): {rss:.2f} GiB" if rss is not None else "server pid not found")

@@ -20,16 +20,24 @@ from server.pipeline import Generation
 logger = logging.getLogger("server.sse")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = format_sse_event(data_str="[DONE]")
+# JSON leaves U+0085, U+2028 and U+2029 raw in strings, and Python's str.splitlines (so
+# httpx's aiter_lines, and clients built on it) breaks lines there, cutting a data line in
+# two. Escaped, the JSON means the same and every line splitter reads one line.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _data(json_text: str) -> str:
+    return json_text.translate(_LINE_BREAKS_JSON_KEEPS)
 
 
 def sse_frame(model: BaseModel, event: str | None = None) -> bytes:
     """One frame; unset fields are left out (see ``server.wire``)."""
-    return format_sse_event(data_str=model.model_dump_json(exclude_unset=True), event=event)
+    return format_sse_event(data_str=_data(model.model_dump_json(exclude_unset=True)), event=event)
 
 
 def sse_error(error: APIError) -> bytes:
     body = error_body(error.status, error.message, error.param, error.code)
-    return format_sse_event(data_str=json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+    return format_sse_event(data_str=_data(json.dumps(body, ensure_ascii=False, separators=(",", ":"))))
 
 
 async def data_stream(

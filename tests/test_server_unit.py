@@ -15,7 +15,7 @@ os.environ.setdefault(
 )
 
 import openai_harmony as oh
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from engine.types import RequestOutput
@@ -194,3 +194,23 @@ def test_validation_message_paths():
     assert param == "messages[0].role"
     assert "messages[0].role: Input should be 'user'" in message and "temperature: bad" in message
     assert validation_message([{"loc": ("body", 3), "msg": "x", "type": "json_invalid"}])[1] is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+@example("a\u2028b\x85c\u2029d")
+def test_an_sse_frame_is_one_line_for_every_line_splitter(text):
+    """JSON leaves U+0085/U+2028/U+2029 raw, and str.splitlines (httpx's aiter_lines) breaks
+    there: the frame escapes them, so any text is one data line that parses back to itself."""
+    import json
+
+    from server.errors import APIError
+    from server.sse import sse_error, sse_frame
+    from server.wire import CompletionChunk, CompletionChunkChoice
+
+    chunk = CompletionChunk(id="c", created=0, model="m", choices=[CompletionChunkChoice(index=0, text=text)])
+    for frame in (sse_frame(chunk), sse_error(APIError(400, text))):
+        lines = frame.decode().splitlines()
+        assert lines[0].startswith("data: ") and all(not line for line in lines[1:])
+        body = json.loads(lines[0][len("data: ") :])
+        assert text in (body["choices"][0]["text"] if "choices" in body else body["error"]["message"])
