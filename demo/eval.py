@@ -110,7 +110,10 @@ def generate(checkpoint: Path, examples: list[Example], temperature: float, seed
     from engine.llm_engine import LLMEngine
     from engine.types import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model_dir=str(checkpoint), max_num_seqs=64, seed=seed))
+    # Every example is queued at once: the queue bound must hold them all (--per-skill 200 is
+    # 2,600 requests).
+    engine = LLMEngine(EngineConfig(model_dir=str(checkpoint), max_num_seqs=64, seed=seed,
+                                    max_waiting=len(examples)))  # fmt: skip
     stops = [tokens.RETURN, tokens.CALL]
     out: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
