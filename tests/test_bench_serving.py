@@ -45,7 +45,11 @@ def test_each_request_streams_max_tokens_with_per_token_latencies(server):
         assert r.error is None
         assert r.output_tokens == 9  # ignore_eos holds the request to max_tokens
         assert r.ttft_s is not None and r.ttft_s > 0
-        assert 1 <= len(r.gaps_s) <= 8 and all(g >= 0 for g in r.gaps_s)
+        # Streamed token by token, not buffered: most of the 9 tokens arrive as chunks of their
+        # own (a byte token that ends mid-character may carry no text, so not all 8 gaps), and
+        # the timings fit inside the level's wall time.
+        assert len(r.gaps_s) >= 4
+        assert r.ttft_s + sum(r.gaps_s) <= level.wall_s
     cells = [c.strip() for c in level.row().strip("|").split("|")]
     assert cells[0] == "3" and cells[1] == "5" and float(cells[2]) > 0 and cells[-1] == "0"
 
