@@ -64,7 +64,7 @@ AMX_MIN_ROWS = 4
 _AMX_SCALE_RANGE = (2, 252)
 
 _DIR = Path(__file__).resolve().parent
-_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp")
+_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "bf16.h")
 _COMPILED = ("moe.cpp", "attention.cpp")
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)

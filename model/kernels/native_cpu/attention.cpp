@@ -19,6 +19,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,15 +30,9 @@
 
 namespace {
 
-#define GPTOSS_INLINE inline __attribute__((always_inline))
-
 GPTOSS_INLINE float widen(float x) { return x; }
-GPTOSS_INLINE float widen(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+GPTOSS_INLINE float widen(uint16_t h) { return bf16_to_f32(h); }
+
 // exp(x) for the softmax's x <= 0 (scores minus their maximum), vectorisable (std::exp is a
 // scalar call per score, which dominated this kernel): 2^(x log2 e) split into 2^n 2^f with
 // f in [-0.5, 0.5] and 2^f from Cephes' exp2f polynomial (relative error ~2e-7).
@@ -58,7 +54,7 @@ GPTOSS_INLINE float exp_nonpositive(float x) {
 }
 
 inline void narrow(float x, float* dst) { *dst = x; }
-inline void narrow(float x, uint16_t* dst) { *dst = c10::BFloat16(x).x; }  // round to nearest even
+inline void narrow(float x, uint16_t* dst) { *dst = f32_to_bf16(x); }
 
 struct Shape {
   int64_t kvh, num_blocks, bs, d, g, nblk;

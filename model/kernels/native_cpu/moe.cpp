@@ -26,6 +26,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "bf16.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -54,28 +56,6 @@ constexpr int kGroupBytes = 256;  // one block of one row group: 16 byte columns
 constexpr int kMaxTokensPerChunk = 1024;
 
 enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAmx = 3 };
-
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint32_t f32_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-
-inline float bits_f32(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-// Round to nearest even, as torch's float -> bf16 conversion.
-inline uint16_t f32_to_bf16(float f) { return c10::BFloat16(f).x; }
 
 // Splits x exactly into `ns` bf16 values (ns = 1: rounded; ns = 3: hi + mid + lo == x, each
 // part the truncation of what is left, so every part is exact in bf16).
