@@ -17,7 +17,7 @@ from .config import EngineConfig
 from .host_memory import keep_freed_memory
 from .kv_plan import plan_kv_cache
 from .model_runner import ModelRunner
-from .sampler import Sampler, TokenMasks
+from .sampler import Sampler, SamplerOutput, TokenMasks
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence, SequenceStatus
 from .step_budget import StepBudget
@@ -124,7 +124,7 @@ class LLMEngine:
             StepBudget(config.step_target, config.max_num_batched_tokens),
         )
         self.runner = ModelRunner(model, self.kv_cache, has_sliding)
-        self.sampler = Sampler(mc.vocab_size, self.device, config.seed)
+        self.sampler = Sampler(mc.vocab_size, self.device, config.seed, argmax=model.kernels.argmax)
         # Constrained requests' masks are filled here while the forward pass runs (the grammar
         # library releases the GIL). Created on first use: most engines never need it.
         self._mask_worker: ThreadPoolExecutor | None = None
@@ -251,13 +251,18 @@ class LLMEngine:
         try:
             batch = self.runner.prepare(sched)
             masks = self._start_masks(batch.sample_seqs)
+            # A batch of plain greedy rows needs only the argmax, which the LM head may fuse.
+            greedy = masks is None and Sampler.plain_greedy(batch.sample_seqs)
             t_fwd = time.perf_counter()
-            logits = self.runner.forward(batch)
+            logits = self.runner.forward(batch, greedy=greedy)
             if self.device.type == "cuda":  # so the timing split is real (the sampler syncs anyway)
                 torch.cuda.synchronize(self.device)
             t_sample = time.perf_counter()
             forward_s = t_sample - t_fwd
-            sampled = self.sampler(logits, batch.sample_seqs, masks.result() if masks else None)
+            if greedy:
+                sampled = SamplerOutput(logits.tolist(), [None] * len(batch.sample_seqs))
+            else:
+                sampled = self.sampler(logits, batch.sample_seqs, masks.result() if masks else None)
             sampler_s = time.perf_counter() - t_sample
         except Exception as exc:  # fail this step's requests, keep the engine
             log.exception("engine step failed")

@@ -79,6 +79,7 @@ class ModelRunner:
         return PreparedBatch(torch.tensor(input_ids, dtype=torch.long, device=dev), meta, sample_seqs)
 
     @torch.inference_mode()
-    def forward(self, batch: PreparedBatch) -> torch.Tensor:
-        """-> logits [len(batch.sample_seqs), vocab] in the model dtype."""
-        return self.model(batch.input_ids, batch.meta, self.kv_cache)
+    def forward(self, batch: PreparedBatch, greedy: bool = False) -> torch.Tensor:
+        """-> logits [len(batch.sample_seqs), vocab] in the model dtype; with ``greedy``,
+        their argmax token ids [len(batch.sample_seqs)] (int64) instead."""
+        return self.model(batch.input_ids, batch.meta, self.kv_cache, greedy=greedy)

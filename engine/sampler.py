@@ -21,38 +21,18 @@ batch of greedy requests never pays for an fp32 copy of the whole [N, vocab] ten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from model.kernels.reference import greedy_argmax
 
 from .sequence import Sequence
 from .types import TokenLogprob
 
 GREEDY_EPS = 1e-5  # temperatures below this are greedy (dividing by them overflows)
 TOP_P_CANDIDATES = 1024  # nucleus searched among this many top tokens before a full sort
-ARGMAX_CHUNK = 1024  # columns per chunk in greedy_argmax
-
-
-def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
-    """``x.argmax(dim=-1)`` for [N, V] logits (the first index of each row's maximum, NaN
-    counting as the maximum, as torch.argmax), in two passes that run at memory speed: the
-    maximum of every chunk of ARGMAX_CHUNK columns, then the argmax inside each row's first
-    best chunk. torch.argmax's CPU kernel is not vectorised: on 64 x 201088 logits it took
-    5.4 ms where this takes 1.3 ms, which at batch 64 was most of the sampler's time."""
-    n, v = x.shape
-    chunk = ARGMAX_CHUNK
-    if v <= chunk:
-        return x.argmax(dim=-1)
-    whole = v // chunk
-    maxima = x[:, : whole * chunk].view(n, whole, chunk).amax(dim=-1)  # [N, whole]
-    if whole * chunk < v:
-        maxima = torch.cat([maxima, x[:, whole * chunk :].amax(dim=-1, keepdim=True)], dim=1)
-    # Columns of each row's best chunk; the last chunk may be short, so clamp (a repeated
-    # last column comes after its first copy and never changes the first index).
-    cols = (maxima.argmax(dim=-1) * chunk)[:, None] + torch.arange(chunk, device=x.device)
-    cols = cols.clamp_(max=v - 1)
-    within = x.gather(1, cols).argmax(dim=-1, keepdim=True)
-    return cols.gather(1, within).squeeze(1)
 
 
 @dataclass
@@ -81,9 +61,16 @@ def _pad(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device,
+        seed: int,
+        argmax: Callable[[torch.Tensor], torch.Tensor] = greedy_argmax,
+    ) -> None:
         self.vocab_size = vocab_size
         self.device = device
+        self.argmax = argmax  # the model's kernels' argmax (torch.argmax's result, faster)
         # Draws for requests without a seed of their own: reproducible per engine run.
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
@@ -107,13 +94,31 @@ class Sampler:
             return SamplerOutput([], [])
         x = self._process(logits, seqs, masks)
         random_rows = [i for i, s in enumerate(seqs) if s.params.temperature >= GREEDY_EPS]
-        tokens = (
-            greedy_argmax(x) if len(random_rows) < n else torch.empty(n, dtype=torch.long, device=x.device)
-        )
+        tokens = self.argmax(x) if len(random_rows) < n else torch.empty(n, dtype=torch.long, device=x.device)
         if random_rows:
             idx = torch.tensor(random_rows, device=x.device)
             tokens[idx] = self._sample(x.index_select(0, idx), [seqs[i] for i in random_rows])
         return SamplerOutput(tokens.tolist(), self.logprobs_of(logits, seqs, tokens))
+
+    @staticmethod
+    def plain_greedy(seqs: list[Sequence]) -> bool:
+        """True when every row's token is the argmax of its raw logits and nothing else is
+        read from them: greedy, no logprobs, penalties, logit_bias, min_tokens or constraint
+        (see ``_process``). The model can then fuse the argmax into its LM head."""
+        for s in seqs:
+            p = s.params
+            if (
+                p.temperature >= GREEDY_EPS
+                or p.logprobs is not None
+                or p.presence_penalty
+                or p.frequency_penalty
+                or p.repetition_penalty != 1.0
+                or p.logit_bias
+                or s.num_output_tokens < p.min_tokens
+                or p.constraint is not None
+            ):
+                return False
+        return True
 
     # -- logits processing ------------------------------------------------------------------
     def _process(

@@ -94,11 +94,17 @@ class GptOssModel(torch.nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, meta: BatchMetadata, kv_cache: KVCache | None = None
+        self,
+        input_ids: torch.Tensor,
+        meta: BatchMetadata,
+        kv_cache: KVCache | None = None,
+        greedy: bool = False,
     ) -> torch.Tensor:
         """input_ids [T] -> logits [len(meta.logits_indices), vocab] in the model dtype (the
         unembedding's own output, as transformers' lm_head; whoever needs fp32 maths upcasts
-        the rows it uses: at batch 64 an fp32 copy of every row would be a 51 MB pass)."""
+        the rows it uses: at batch 64 an fp32 copy of every row would be a 51 MB pass).
+        With ``greedy``: their argmax instead, int64 [len(meta.logits_indices)], which a
+        backend may compute without writing the logits."""
         c = self.config
         w = self.weights
         ops = self.kernels
@@ -146,4 +152,4 @@ class GptOssModel(torch.nn.Module):
             x = x + ops.moe(y, routing_weights, expert_ids, layer.experts, c)
         x = x.index_select(0, meta.logits_indices.to(self.device))
         x = rms_norm(x, w.norm, c.rms_norm_eps)
-        return ops.lm_head(x, w)
+        return ops.lm_head_argmax(x, w) if greedy else ops.lm_head(x, w)

@@ -12,10 +12,11 @@ class FlakyModel(torch.nn.Module):
         super().__init__()
         self.inner = inner
         self.config = inner.config
+        self.kernels = inner.kernels
         self.message = message
         self.failing = False
 
-    def forward(self, *args: object) -> torch.Tensor:
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         if self.failing:
             raise RuntimeError(self.message)
-        return self.inner(*args)
+        return self.inner(*args, **kwargs)

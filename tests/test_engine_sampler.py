@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from engine.sampler import ARGMAX_CHUNK, Sampler, greedy_argmax
+from engine.sampler import Sampler
 from engine.sequence import Sequence
 from engine.types import RequestMetrics, SamplingParams
+from model.kernels.reference import ARGMAX_CHUNK, greedy_argmax
 
 V = 12
 

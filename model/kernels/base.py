@@ -88,3 +88,13 @@ class Kernels(Protocol):
     def lm_head(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
         """x [N, H] (final-normed rows) -> logits [N, vocab] in the model dtype."""
         ...
+
+    def lm_head_argmax(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
+        """The greedy tokens of ``lm_head(x, weights)``: int64 [N], as ``argmax`` of those
+        logits. A backend may fuse the two and never write the logits."""
+        ...
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, V] -> int64 [N]: ``logits.argmax(dim=-1)`` exactly (the first index of each
+        row's maximum, NaN counting as the maximum); the sampler's greedy rows."""
+        ...

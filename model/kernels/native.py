@@ -27,6 +27,11 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
 # matmuls win below ~512 keys (0.67-0.81x), so bf16 keeps the reference until the kernel
 # uses bf16 dot products too.
 NATIVE_ATTENTION_DTYPES = (torch.float32,)
+# Up to this many rows the attention projections run in linear_bf16 (bench/linear_kernel.py,
+# AMD EPYC, 2026-12-03: 1.3-2.3x F.linear at 1-4 rows, which reorders the weight every call;
+# from 16 rows on oneDNN wins). The LM head stays on the reference's prepacked oneDNN weight:
+# it beat linear_bf16 (and its fused argmax) at every row count but 1 on the 20b.
+NATIVE_LINEAR_MAX_ROWS = 4
 
 
 @dataclass
@@ -69,6 +74,26 @@ class NativeCpuKernels(ReferenceKernels):
         return self.native_cpu.moe_experts(
             x, routing_weights, expert_ids, experts.native, config.swiglu_alpha, config.swiglu_limit, out=out
         )
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if (
+            logits.dtype in NATIVE_DTYPES
+            and logits.device.type == "cpu"
+            and self.native_cpu.bf16_dot_available()
+        ):
+            return self.native_cpu.argmax_rows(logits)
+        return super().argmax(logits)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        native = (
+            x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
+            and x.dtype == weight.dtype == torch.bfloat16
+            and weight.is_contiguous()
+            and self.native_cpu.bf16_dot_available()
+        )
+        if native:
+            return self.native_cpu.linear_bf16(x, weight, bias)
+        return super().linear(x, weight, bias)
 
     def attention(
         self,

@@ -21,6 +21,29 @@ if TYPE_CHECKING:
     from ..transformer import ModelWeights
 
 REFERENCE = "reference"
+ARGMAX_CHUNK = 1024  # columns per chunk in greedy_argmax
+
+
+def greedy_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for [N, V] logits (the first index of each row's maximum, NaN
+    counting as the maximum, as torch.argmax), in two passes that run at memory speed: the
+    maximum of every chunk of ARGMAX_CHUNK columns, then the argmax inside each row's first
+    best chunk. torch.argmax's CPU kernel is not vectorised: on 64 x 201088 logits it took
+    5.4 ms where this takes 1.3 ms, which at batch 64 was most of the sampler's time."""
+    n, v = x.shape
+    chunk = ARGMAX_CHUNK
+    if v <= chunk:
+        return x.argmax(dim=-1)
+    whole = v // chunk
+    maxima = x[:, : whole * chunk].view(n, whole, chunk).amax(dim=-1)  # [N, whole]
+    if whole * chunk < v:
+        maxima = torch.cat([maxima, x[:, whole * chunk :].amax(dim=-1, keepdim=True)], dim=1)
+    # Columns of each row's best chunk; the last chunk may be short, so clamp (a repeated
+    # last column comes after its first copy and never changes the first index).
+    cols = (maxima.argmax(dim=-1) * chunk)[:, None] + torch.arange(chunk, device=x.device)
+    cols = cols.clamp_(max=v - 1)
+    within = x.gather(1, cols).argmax(dim=-1, keepdim=True)
+    return cols.gather(1, within).squeeze(1)
 
 
 class ReferenceKernels:
@@ -81,3 +104,9 @@ class ReferenceKernels:
         if weights.unembedding_prepacked is not None:
             return weights.unembedding_prepacked(x)
         return torch.nn.functional.linear(x, weights.unembedding)
+
+    def lm_head_argmax(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
+        return self.argmax(self.lm_head(x, weights))
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return greedy_argmax(logits)

@@ -23,6 +23,11 @@ API:
 - ``paged_decode_attention(q, k_cache, v_cache, rows, blocks, mask, sinks, sm_scale, out)``:
   the decode queries of one plan group attended over the cache blocks in place
   (``attention.cpp``).
+- ``bf16_dot_available() -> bool``: the AVX-512 BF16 path is there, which the two below need.
+- ``linear_bf16(x, weight, bias=None, out=None, *, argmax=False)``: x @ weight.T + bias in bf16
+  with fp32 accumulation, or with ``argmax`` the greedy token of every row without writing
+  the product (``linear.cpp``).
+- ``argmax_rows(logits) -> Tensor``: ``logits.argmax(-1)`` vectorised, fp32 or bf16.
 """
 
 from __future__ import annotations
@@ -45,11 +50,14 @@ if TYPE_CHECKING:
 __all__ = [
     "ISAS",
     "PackedExperts",
+    "argmax_rows",
     "available",
+    "bf16_dot_available",
     "build_in_background",
     "build_info",
     "is_built",
     "isa",
+    "linear_bf16",
     "moe_experts",
     "paged_decode_attention",
     "unavailable_reason",
@@ -64,8 +72,8 @@ AMX_MIN_ROWS = 4
 _AMX_SCALE_RANGE = (2, 252)
 
 _DIR = Path(__file__).resolve().parent
-_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "bf16.h")
-_COMPILED = ("moe.cpp", "attention.cpp")
+_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "linear.cpp", "bf16.h")
+_COMPILED = ("moe.cpp", "attention.cpp", "linear.cpp")
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
 _OK_MARKER = "built.ok"
@@ -365,3 +373,44 @@ def paged_decode_attention(
         float(sm_scale),
         out,
     )
+
+
+def bf16_dot_available() -> bool:
+    """Whether ``linear_bf16`` and ``argmax_rows`` run here (AVX-512 BF16, not capped off)."""
+    return available() and _isa_level(None) >= ISAS.index("avx512_bf16")
+
+
+def linear_bf16(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    argmax: bool = False,
+) -> torch.Tensor:
+    """bf16 x [N, H] @ weight [O, H].T (+ bias [O]) -> bf16 [N, O] (fp32 accumulation, one
+    rounding), written into ``out`` when given; with ``argmax`` -> int64 [N], the first index
+    of each row's maximum of that bf16 result (NaN counting as the maximum, as
+    torch.argmax), without writing the result. Raises RuntimeError without AVX-512 BF16."""
+    if not bf16_dot_available():
+        raise RuntimeError("linear_bf16 needs the native kernels with AVX-512 BF16")
+    x = x.contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    if argmax:
+        ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        torch.ops.gptoss_native.linear_bf16(x, weight, b, None, ids)
+        return ids
+    if out is None:
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16, device=x.device)
+    torch.ops.gptoss_native.linear_bf16(x, weight, b, out, None)
+    return out
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for fp32 or bf16 [N, V] CPU logits (same index, NaN
+    included). Raises RuntimeError without AVX-512 BF16."""
+    if not bf16_dot_available():
+        raise RuntimeError("argmax_rows needs the native kernels with AVX-512 BF16")
+    ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    torch.ops.gptoss_native.argmax_rows(logits.contiguous(), ids)
+    return ids

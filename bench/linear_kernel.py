@@ -1,0 +1,99 @@
+"""bf16 linears of decode and the greedy argmax: PyTorch / oneDNN against the native kernels.
+
+    python bench/linear_kernel.py [--rows 1,4,16,64] [--runs 9]
+
+Per weight shape of gpt-oss (the small preset's and gpt-oss-20b's attention projections and
+unembedding) and row count: ``F.linear`` (oneDNN, reordering the weight every call), the
+weight reordered once (``model.prepacked.PrepackedLinear``), ``native_cpu.linear_bf16`` and
+its fused argmax (no logits written); then the argmax of [N, 201088] bf16 logits:
+``greedy_argmax`` (the reference) against ``native_cpu.argmax_rows``. Runs alternate between
+the candidates; medians of --runs, and ratios taken in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.kernels import native_cpu
+from model.kernels.reference import greedy_argmax
+from model.prepacked import PrepackedLinear, prepack_available
+
+VOCAB = 201088
+SHAPES = {  # name: (out, in)
+    "small qkv": (5120, 640),
+    "small o": (640, 4096),
+    "small unembedding": (VOCAB, 640),
+    "20b qkv": (5120, 2880),
+    "20b o": (2880, 4096),
+    "20b unembedding": (VOCAB, 2880),
+}
+
+
+def medians(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
+    """ms per call, the candidates interleaved run by run."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(runs):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="1,4,16,64")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--runs", type=int, default=9)
+    args = ap.parse_args()
+    if not native_cpu.bf16_dot_available():
+        print(f"native bf16 kernels unavailable here: {native_cpu.unavailable_reason() or 'no AVX-512 BF16'}")
+        return 1
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, bf16, native ISA {native_cpu.isa()}")  # fmt: skip
+    rows = [int(r) for r in args.rows.split(",")]
+    g = torch.Generator().manual_seed(0)
+    print("| weight [out, in] | rows | F.linear ms | prepacked ms | native ms | native argmax ms "
+          "| native / prepacked | GB/s native |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.shapes.split(","):
+        o, h = SHAPES[name]
+        w = (torch.randn(o, h, generator=g) / h**0.5).bfloat16()
+        packed = PrepackedLinear(w) if prepack_available(torch.device("cpu"), torch.bfloat16) else None
+        for n in rows:
+            x = torch.randn(n, h, generator=g).bfloat16()
+            fns: dict[str, Callable[[], object]] = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
+            if packed is not None:
+                fns["prepacked"] = lambda: packed(x)
+            fns["native"] = lambda: native_cpu.linear_bf16(x, w)
+            fns["argmax"] = lambda: native_cpu.linear_bf16(x, w, argmax=True)
+            t = medians(fns, args.runs)
+            pre = t.get("prepacked", float("nan"))
+            gbs = w.numel() * 2 / t["native"] / 1e6
+            print(f"| {name} [{o}, {h}] | {n} | {t['F.linear']:.3f} | {pre:.3f} | {t['native']:.3f} "
+                  f"| {t['argmax']:.3f} | {t['native'] / pre:.2f} | {gbs:.1f} |")  # fmt: skip
+        del w, packed
+    print()
+    print("| logits | greedy_argmax ms | native argmax_rows ms | native / reference |")
+    print("|---|---|---|---|")
+    for n in rows:
+        x = torch.randn(n, VOCAB, generator=g).bfloat16()
+        t = medians({"ref": lambda: greedy_argmax(x), "native": lambda: native_cpu.argmax_rows(x)}, args.runs)
+        print(f"| [{n}, {VOCAB}] bf16 | {t['ref']:.3f} | {t['native']:.3f} | {t['native'] / t['ref']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

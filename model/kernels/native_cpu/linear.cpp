@@ -1,0 +1,240 @@
+// Native CPU kernels for bf16 linears and the greedy argmax (issue 16).
+//
+// linear_bf16: y = x W^T (+ b) for bf16 x [N, H] and W [O, H], with VDPBF16PS and fp32
+// accumulation, rounded once to bf16 (as oneDNN's bf16 matmul). Decode multiplies big weights
+// by few rows, so a step is bound by reading each weight once: the kernel streams W in blocks
+// of 4 rows that stay in L1 while every row of x passes over them, and needs no reordered copy
+// of the weight (torch's F.linear reorders the weight for oneDNN on every call).
+//
+// With `ids` defined instead of `out`, it writes the greedy argmax of every row of y (as
+// torch.argmax on the bf16 result: NaN counts as the maximum, the first index wins) and never
+// writes y: the LM head of a greedy batch then skips a [N, vocab] write and re-read.
+//
+// argmax_rows: torch.argmax(dim=-1) of [N, V] fp32 or bf16 logits in two vectorised passes
+// per row (the maximum, then its first index); torch's CPU argmax is scalar.
+//
+// Both need AVX-512 BF16 (the Python side checks cpu_isa() >= 2 before calling).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include "bf16.h"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define GPTOSS_LINEAR_X86 1
+#else
+#define GPTOSS_LINEAR_X86 0
+#endif
+
+namespace {
+
+constexpr int64_t kOutBlock = 4;  // rows of W held in L1 while the rows of x pass
+constexpr int64_t kXRows = 4;     // rows of x per pass: 4 x 4 accumulators
+
+// The argmax so far of one row: torch.argmax's order (NaN above every number, ties to the
+// first index), so merging the per-thread results in any order gives torch's answer.
+struct Best {
+  float value = -std::numeric_limits<float>::infinity();
+  int64_t index = -1;
+  bool nan = false;
+
+  void offer(float v, int64_t i) {
+    const bool vn = std::isnan(v);
+    bool take;
+    if (index < 0) {
+      take = true;
+    } else if (vn != nan) {
+      take = vn;
+    } else if (vn || v == value) {
+      take = i < index;
+    } else {
+      take = v > value;
+    }
+    if (take) {
+      value = v;
+      index = i;
+      nan = vn;
+    }
+  }
+};
+
+#if GPTOSS_LINEAR_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
+#define GPTOSS_LT512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+GPTOSS_LT512 GPTOSS_INLINE __m512bh load_bh(const uint16_t* p, __mmask32 m) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
+}
+
+// y[n][r] for XR rows of x against the 4 rows W[0..3] (rows past the end repeat the last one
+// and are dropped by the caller): H/32 steps of 4 + XR loads and 4 * XR dot products.
+template <int XR>
+GPTOSS_LT512 GPTOSS_INLINE void block(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t H,
+                                      float (*y)[kOutBlock]) {
+  __m512 acc[XR][kOutBlock];
+  for (int n = 0; n < XR; ++n)
+    for (int r = 0; r < kOutBlock; ++r) acc[n][r] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; h += 32) {
+    const __mmask32 m = H - h >= 32 ? ~__mmask32(0) : (__mmask32(1) << (H - h)) - 1;
+    __m512bh wv[kOutBlock];
+    for (int r = 0; r < kOutBlock; ++r) wv[r] = load_bh(w[r] + h, m);
+    for (int n = 0; n < XR; ++n) {
+      const __m512bh xv = load_bh(x + n * ldx + h, m);
+      for (int r = 0; r < kOutBlock; ++r) acc[n][r] = _mm512_dpbf16_ps(acc[n][r], xv, wv[r]);
+    }
+  }
+  for (int n = 0; n < XR; ++n)
+    for (int r = 0; r < kOutBlock; ++r) y[n][r] = _mm512_reduce_add_ps(acc[n][r]);
+}
+
+// Output rows [o0, o1) of every row of x: into out (bf16 [N, O]) or offered to best[N].
+GPTOSS_LT512 void linear_range(const uint16_t* W, const uint16_t* X, const float* bias, int64_t N, int64_t H,
+                               int64_t O, int64_t o0, int64_t o1, uint16_t* out, Best* best) {
+  float y[kXRows][kOutBlock];
+  for (int64_t o = o0; o < o1; o += kOutBlock) {
+    const int64_t rows = std::min<int64_t>(kOutBlock, o1 - o);
+    const uint16_t* w[kOutBlock];
+    for (int r = 0; r < kOutBlock; ++r) w[r] = W + (o + std::min<int64_t>(r, rows - 1)) * H;
+    for (int64_t n0 = 0; n0 < N; n0 += kXRows) {
+      const int64_t xr = std::min<int64_t>(kXRows, N - n0);
+      const uint16_t* x = X + n0 * H;
+      switch (xr) {
+        case 4: block<4>(w, x, H, H, y); break;
+        case 3: block<3>(w, x, H, H, y); break;
+        case 2: block<2>(w, x, H, H, y); break;
+        default: block<1>(w, x, H, H, y); break;
+      }
+      for (int64_t n = 0; n < xr; ++n)
+        for (int64_t r = 0; r < rows; ++r) {
+          const uint16_t v = f32_to_bf16(y[n][r] + (bias ? bias[o + r] : 0.f));
+          if (out)
+            out[(n0 + n) * O + o + r] = v;
+          else
+            best[n0 + n].offer(bf16_to_f32(v), o + r);
+        }
+    }
+  }
+}
+
+// First index of the maximum of v[0..V) (NaN counting as the maximum).
+template <typename T>
+GPTOSS_LT512 int64_t argmax_row(const T* v, int64_t V) {
+  auto load = [](const T* p, __mmask16 m) -> __m512 {
+    if constexpr (sizeof(T) == 4) {
+      return _mm512_maskz_loadu_ps(m, p);
+    } else {
+      const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  };
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 mx = ninf;
+  __mmask16 nan = 0;
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 m = V - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (V - i)) - 1);
+    const __m512 x = _mm512_mask_mov_ps(ninf, m, load(v + i, m));
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    mx = _mm512_max_ps(mx, x);
+  }
+  const float best = _mm512_reduce_max_ps(mx);
+  for (int64_t i = 0; i < V; i += 16) {
+    const __mmask16 m = V - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (V - i)) - 1);
+    const __m512 x = load(v + i, m);
+    const __mmask16 hit =
+        nan ? _mm512_mask_cmp_ps_mask(m, x, x, _CMP_UNORD_Q) : _mm512_mask_cmp_ps_mask(m, x, _mm512_set1_ps(best), _CMP_EQ_OQ);
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  return 0;  // unreachable for V > 0: the maximum is one of the values
+}
+
+#pragma GCC pop_options
+#endif
+
+void check_isa() {
+  TORCH_CHECK(GPTOSS_LINEAR_X86 && __builtin_cpu_supports("avx512bf16"),
+              "linear_bf16 / argmax_rows need AVX-512 BF16");
+}
+
+void linear_bf16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                 const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& ids) {
+  check_isa();
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_bf16: CPU tensors only");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous bf16 [N, H]");
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous() &&
+                  weight.size(1) == x.size(1),
+              "weight must be contiguous bf16 [O, H]");
+  const int64_t N = x.size(0), H = x.size(1), O = weight.size(0);
+  const float* b = nullptr;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == O && bias->is_contiguous(),
+                "bias must be contiguous fp32 [O]");
+    b = bias->data_ptr<float>();
+  }
+  const bool to_out = out && out->defined();
+  TORCH_CHECK(to_out != (ids && ids->defined()), "give exactly one of out and ids");
+  uint16_t* y = nullptr;
+  int64_t* idx = nullptr;
+  if (to_out) {
+    TORCH_CHECK(out->scalar_type() == at::kBFloat16 && out->is_contiguous() && out->dim() == 2 && out->size(0) == N &&
+                    out->size(1) == O,
+                "out must be contiguous bf16 [N, O]");
+    y = reinterpret_cast<uint16_t*>(out->data_ptr());
+  } else {
+    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->is_contiguous() && ids->numel() == N, "ids must be int64 [N]");
+    idx = ids->data_ptr<int64_t>();
+  }
+  if (N == 0 || O == 0) return;
+#if GPTOSS_LINEAR_X86
+  const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
+  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  std::vector<Best> best(to_out ? 0 : N);
+  std::mutex merge;
+  // Chunks of whole 4-row blocks; at least 64 rows each so a thread's share is worth a wake-up.
+  at::parallel_for(0, (O + kOutBlock - 1) / kOutBlock, 16, [&](int64_t begin, int64_t end) {
+    const int64_t o0 = begin * kOutBlock, o1 = std::min(O, end * kOutBlock);
+    if (to_out) {
+      linear_range(W, X, b, N, H, O, o0, o1, y, nullptr);
+      return;
+    }
+    std::vector<Best> mine(N);
+    linear_range(W, X, b, N, H, O, o0, o1, nullptr, mine.data());
+    std::lock_guard<std::mutex> hold(merge);
+    for (int64_t n = 0; n < N; ++n) best[n].offer(mine[n].value, mine[n].index);
+  });
+  for (int64_t n = 0; n < static_cast<int64_t>(best.size()); ++n) idx[n] = best[n].index;
+#endif
+}
+
+void argmax_rows(const at::Tensor& logits, at::Tensor& ids) {
+  check_isa();
+  TORCH_CHECK(logits.device().is_cpu() && logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0,
+              "logits must be a contiguous CPU [N, V] tensor with V > 0");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16, "logits must be fp32 or bf16");
+  const int64_t N = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == N, "ids must be int64 [N]");
+#if GPTOSS_LINEAR_X86
+  int64_t* out = ids.data_ptr<int64_t>();
+  const bool fp32 = logits.scalar_type() == at::kFloat;
+  const void* base = logits.data_ptr();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      out[n] = fp32 ? argmax_row(static_cast<const float*>(base) + n * V, V)
+                    : argmax_row(static_cast<const uint16_t*>(base) + n * V, V);
+  });
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gptoss_native, m) {
+  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? out, Tensor(b!)? ids) -> ()", &linear_bf16);
+  m.def("argmax_rows(Tensor logits, Tensor(a!) ids) -> ()", &argmax_rows);
+}

@@ -1,0 +1,146 @@
+"""The greedy path: every backend's argmax is torch.argmax's (ties, NaN, infinities, odd widths);
+the native bf16 linear and its fused argmax against fp32 maths; which batches count as plain
+greedy; and an engine whose plain greedy rows take the fused LM head gives the tokens that the
+sampler picks from the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampler import Sampler
+from engine.sequence import Sequence
+from engine.types import RequestMetrics, SamplingParams
+from model.checkpoint import make_checkpoint
+from model.kernels import BACKENDS, available_backends
+from model.kernels import native_cpu as native
+from model.kernels.check import TOLERANCE, max_relative_error
+from model.loader import load_model
+
+CPU = torch.device("cpu")
+HERE = available_backends(CPU, torch.float32)
+DTYPES = (torch.float32, torch.bfloat16)
+needs_bf16_dot = pytest.mark.skipif(
+    not native.bf16_dot_available(), reason="this CPU has no AVX-512 BF16 (the native linear's path)"
+)
+
+
+def awkward_logits(n: int, v: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random rows, some with repeated maxima, NaNs, infinities or all -inf."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, v, generator=g).to(dtype)
+    for r in range(n):
+        kind = r % 6
+        cols = torch.randint(0, v, (3,), generator=g).tolist()
+        if kind == 1:  # a tie: the first index wins
+            x[r, cols] = x[r].max() + 1
+        elif kind == 2:
+            x[r, cols[0]] = float("nan")
+            x[r, cols[1]] = float("nan")
+        elif kind == 3:
+            x[r, cols[0]] = float("inf")
+        elif kind == 4:
+            x[r] = float("-inf")
+        elif kind == 5:
+            x[r] = x[r].round()  # many exact ties in bf16
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", HERE)
+@pytest.mark.parametrize("v", [1, 5, 16, 17, 1023, 1025, 4099])
+def test_every_backends_argmax_is_torch_argmax(name, dtype, v):
+    ops = BACKENDS[name](CPU, dtype)
+    for seed in range(3):
+        x = awkward_logits(13, v, dtype, seed)
+        assert torch.equal(ops.argmax(x), x.argmax(dim=-1)), (name, dtype, v, seed)
+
+
+def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.float() @ w.float().T
+    return y if b is None else y + b.float()
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("h", [32, 40, 100, 640])
+def test_native_linear_is_fp32_maths_rounded_once(h, bias):
+    g = torch.Generator().manual_seed(h)
+    for n in range(1, 10):
+        for o in (1, 5, 37, 258):
+            x = torch.randn(n, h, generator=g).bfloat16()
+            w = (torch.randn(o, h, generator=g) / h**0.5).bfloat16()
+            b = torch.randn(o, generator=g).bfloat16() if bias else None
+            got = native.linear_bf16(x, w, b)
+            assert got.dtype == torch.bfloat16 and got.shape == (n, o)
+            assert max_relative_error(got, fp32_linear(x, w, b)) <= TOLERANCE[torch.bfloat16] / 4
+            # The fused argmax is exactly the argmax of that bf16 result.
+            ids = native.linear_bf16(x, w, b, argmax=True)
+            assert torch.equal(ids, got.argmax(dim=-1)), (n, o, h)
+
+
+@needs_bf16_dot
+def test_native_linear_writes_into_out_and_rejects_bad_shapes():
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(7, 64).bfloat16()
+    out = torch.full((3, 7), float("nan"), dtype=torch.bfloat16)
+    assert native.linear_bf16(x, w, out=out) is out
+    assert not out.isnan().any()
+    with pytest.raises(RuntimeError):
+        native.linear_bf16(x, torch.randn(7, 32).bfloat16())
+    with pytest.raises(RuntimeError):
+        native.linear_bf16(x.float(), w)
+
+
+def seq_with(**params) -> Sequence:
+    return Sequence("r", [1, 2, 3], SamplingParams(**params), RequestMetrics(arrival_time=0.0))
+
+
+def test_plain_greedy_is_greedy_with_nothing_read_from_the_logits():
+    assert Sampler.plain_greedy([seq_with(temperature=0), seq_with(temperature=1e-6)])
+    assert Sampler.plain_greedy([seq_with(temperature=0, min_tokens=0)])
+    for params in (
+        {"temperature": 0.7},
+        {"temperature": 0, "logprobs": 0},
+        {"temperature": 0, "presence_penalty": 0.5},
+        {"temperature": 0, "frequency_penalty": -0.5},
+        {"temperature": 0, "repetition_penalty": 1.1},
+        {"temperature": 0, "logit_bias": {5: 1.0}},
+        {"temperature": 0, "min_tokens": 1},
+    ):
+        assert not Sampler.plain_greedy([seq_with(temperature=0), seq_with(**params)]), params
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("greedy") / "ck"
+    make_checkpoint(path, preset="tiny", seed=3, vocab_size=4099, sliding_window=8)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", HERE)
+def test_the_fused_greedy_path_picks_the_samplers_tokens(checkpoint, name, dtype):
+    """The same prompts, greedy, on one engine: plain (the LM head's argmax, fused where the
+    backend can) and with logprobs asked (full logits through the sampler), at batch sizes on
+    both sides of the native fused head's row limit."""
+    model = load_model(checkpoint, dtype=dtype, kernels=name)
+    prompts = [[(7 * i + 3 * j) % 4000 + 1 for j in range(5 + i)] for i in range(9)]
+    served = {}
+    for label, logprobs in (("plain", None), ("logprobs", 1)):
+        engine = LLMEngine(
+            EngineConfig(model_dir="unused", block_size=4, kv_cache_memory=1 << 21), model=model
+        )
+        out: dict[str, list[int]] = {}
+        for batch in (prompts[:1], prompts[1:4], prompts):  # 1, 3 and 9 rows per step
+            for i, ids in enumerate(batch):
+                rid = f"{len(batch)}-{i}"
+                engine.add_request(rid, ids, SamplingParams(temperature=0, max_tokens=6, logprobs=logprobs))
+                out[rid] = []
+            while engine.has_unfinished():
+                for o in engine.step():
+                    out[o.request_id] += o.token_ids
+        served[label] = out
+    assert served["plain"] == served["logprobs"]
+    assert len({t for toks in served["plain"].values() for t in toks}) > 3
