@@ -74,23 +74,25 @@ def main() -> int:
         packed = PrepackedLinear(w) if prepack_available(torch.device("cpu"), torch.bfloat16) else None
         for n in rows:
             x = torch.randn(n, h, generator=g).bfloat16()
-            fns: dict[str, Callable[[], object]] = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
+            fns: dict[str, Callable[[], object]] = {
+                "F.linear": lambda x=x, w=w: torch.nn.functional.linear(x, w)
+            }
             if packed is not None:
-                fns["prepacked"] = lambda: packed(x)
-            fns["native"] = lambda: native_cpu.linear_bf16(x, w)
-            fns["argmax"] = lambda: native_cpu.linear_bf16(x, w, argmax=True)
+                fns["prepacked"] = lambda x=x, p=packed: p(x)
+            fns["native"] = lambda x=x, w=w: native_cpu.linear_bf16(x, w)
+            fns["argmax"] = lambda x=x, w=w: native_cpu.linear_bf16(x, w, argmax=True)
             t = medians(fns, args.runs)
             pre = t.get("prepacked", float("nan"))
             gbs = w.numel() * 2 / t["native"] / 1e6
             print(f"| {name} [{o}, {h}] | {n} | {t['F.linear']:.3f} | {pre:.3f} | {t['native']:.3f} "
                   f"| {t['argmax']:.3f} | {t['native'] / pre:.2f} | {gbs:.1f} |")  # fmt: skip
-        del w, packed
     print()
     print("| logits | greedy_argmax ms | native argmax_rows ms | native / reference |")
     print("|---|---|---|---|")
     for n in rows:
         x = torch.randn(n, VOCAB, generator=g).bfloat16()
-        t = medians({"ref": lambda: greedy_argmax(x), "native": lambda: native_cpu.argmax_rows(x)}, args.runs)
+        cands = {"ref": lambda x=x: greedy_argmax(x), "native": lambda x=x: native_cpu.argmax_rows(x)}
+        t = medians(cands, args.runs)
         print(f"| [{n}, {VOCAB}] bf16 | {t['ref']:.3f} | {t['native']:.3f} | {t['native'] / t['ref']:.2f} |")
     return 0
 
