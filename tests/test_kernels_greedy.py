@@ -1,6 +1,6 @@
 """The greedy path: every backend's argmax is torch.argmax's (ties, NaN, infinities, odd widths);
 the native bf16 linear and its fused argmax against fp32 maths; which batches count as plain
-greedy; and an engine whose plain greedy rows take the fused LM head gives the tokens that the
+greedy; and an engine whose plain greedy rows take the LM head's argmax gives the tokens that the
 sampler picks from the full logits."""
 
 from __future__ import annotations
@@ -121,10 +121,10 @@ def checkpoint(tmp_path_factory) -> str:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", HERE)
-def test_the_fused_greedy_path_picks_the_samplers_tokens(checkpoint, name, dtype):
-    """The same prompts, greedy, on one engine: plain (the LM head's argmax, fused where the
-    backend can) and with logprobs asked (full logits through the sampler), at batch sizes on
-    both sides of the native fused head's row limit."""
+def test_the_greedy_path_picks_the_samplers_tokens(checkpoint, name, dtype):
+    """The same prompts, greedy, on one engine: plain (``Kernels.lm_head_argmax``) and with
+    logprobs asked (full logits through the sampler), at batch sizes on both sides of the
+    native projections' row limit."""
     model = load_model(checkpoint, dtype=dtype, kernels=name)
     prompts = [[(7 * i + 3 * j) % 4000 + 1 for j in range(5 + i)] for i in range(9)]
     served = {}
