@@ -50,6 +50,8 @@ class NativeCpuKernels(ReferenceKernels):
     def __init__(self, device: torch.device, dtype: torch.dtype, native_cpu: ModuleType) -> None:
         super().__init__(device, dtype)
         self.native_cpu = native_cpu
+        # Asked once: the per-call check takes the loader's lock, twice per layer per step.
+        self.bf16_dot = native_cpu.bf16_dot_available()
 
     def prepare_experts(self, experts: ExpertWeights, config: ModelConfig) -> ExpertWeights:
         if not experts.packed:
@@ -76,20 +78,16 @@ class NativeCpuKernels(ReferenceKernels):
         )
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        if (
-            logits.dtype in NATIVE_DTYPES
-            and logits.device.type == "cpu"
-            and self.native_cpu.bf16_dot_available()
-        ):
+        if self.bf16_dot and logits.dtype in NATIVE_DTYPES and logits.device.type == "cpu":
             return self.native_cpu.argmax_rows(logits)
         return super().argmax(logits)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         native = (
-            x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
+            self.bf16_dot
+            and x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
             and x.dtype == weight.dtype == torch.bfloat16
             and weight.is_contiguous()
-            and self.native_cpu.bf16_dot_available()
         )
         if native:
             return self.native_cpu.linear_bf16(x, weight, bias)
