@@ -42,10 +42,28 @@ def sub_steps(x: int, y: int) -> str:
     return head + " ".join(steps) + f" Digits {spaced(''.join(reversed(digits)))} make {x - y}."
 
 
+def compare_steps(x: int, y: int) -> str:
+    """Which of two numbers up to 999 is smaller, from the first digit where they differ: a
+    whole-number comparison in one step was a 58-minute model's most common subtraction miss."""
+    xs, ys = f"{x:03d}", f"{y:03d}"
+    steps = []
+    for a, b in zip(xs, ys, strict=True):
+        if a == b:
+            steps.append(f"{a}={b}.")
+            continue
+        rel = "<" if a < b else ">"
+        steps.append(f"{a}{rel}{b}, so {x} is {'less' if a < b else 'more'} than {y}.")
+        break
+    else:
+        steps.append(f"So {x} equals {y}.")
+    return f"Compare {spaced(xs)} with {spaced(ys)}: " + " ".join(steps)
+
+
 def signed_sub_steps(x: int, y: int) -> str:
+    compare = compare_steps(x, y) + " "
     if x >= y:
-        return sub_steps(x, y)
-    return f"{x} is less than {y}, so compute {y}-{x} and negate. " + sub_steps(y, x) + f" Negated: {x - y}."
+        return compare + sub_steps(x, y)
+    return compare + f"Compute {y}-{x} and negate. " + sub_steps(y, x) + f" Negated: {x - y}."
 
 
 def mul_steps(a: int, b: int) -> str:
@@ -56,8 +74,10 @@ def mul_steps(a: int, b: int) -> str:
         a1, a0 = divmod(a, 10)
         p0 = a0 * d
         p1 = a1 * d + p0 // 10
+        # the multiply and the carry as two lookups: "a*d+c=" in one was the usual miss
         parts.append(
-            f"{a0}*{d}={p0}, write {p0 % 10} carry {p0 // 10}. {a1}*{d}+{p0 // 10}={p1}. So {a}*{d}={a * d}."
+            f"{a0}*{d}={p0}, write {p0 % 10} carry {p0 // 10}. {a1}*{d}={a1 * d}, {a1 * d}+{p0 // 10}={p1}."
+            f" Digits {spaced(str(p1))} {p0 % 10} make {a * d}. So {a}*{d}={a * d}."
         )
     shifted = a * b1 * 10
     return (

@@ -15,10 +15,12 @@ from harmony.messages import HarmonyMessage
 
 Pools = dict[str, list[str]]
 GREETINGS = ("Hello", "Hi", "Good morning", "Hey", "Hello!", "Hi there", "Good evening", "Good afternoon")
-WEATHER_TOOL = FunctionTool(
-    "get_weather",
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+WEATHER_DESCRIPTIONS = (
     "Get the current weather in a city",
-    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "Current weather of a city",
+    "Weather lookup",
+    "",
 )
 PERSON_SCHEMA = {
     "type": "object",
@@ -125,7 +127,10 @@ def letters(skill: str, rng: random.Random, pools: Pools, effort: str) -> Spec:
 
 def weather(skill: str, rng: random.Random, pools: Pools, effort: str, n_base: int) -> Spec:
     city = pick(rng, pools["city"], n_base)
-    tools = [WEATHER_TOOL, *extra_tools(rng, pools, rng.choice((0, 0, 1, 2)))]
+    tools = [
+        FunctionTool("get_weather", rng.choice(WEATHER_DESCRIPTIONS), WEATHER_PARAMS),
+        *extra_tools(rng, pools, rng.choice((0, 0, 1, 2))),
+    ]
     rng.shuffle(tools)
     question = rng.choice(("What's the weather in {}?", "What is the weather in {}?", "What's the weather like in {}?",
                            "How is the weather in {}?", "Weather in {}?"))  # fmt: skip
@@ -136,9 +141,10 @@ def weather(skill: str, rng: random.Random, pools: Pools, effort: str, n_base: i
     if skill == "weather_call":
         return Spec(turns, call(reasoning, "get_weather", args), args, tuple(tools))
     temp, unit = rng.randint(-15, 40), rng.choice(("C", "C", "F"))
-    turns.append(
-        Turn("assistant", reasoning=reasoning, tool_calls=(ToolCall("get_weather", args, "call_1"),))
-    )
+    # Clients that do not send the reasoning back (curl, most SDK loops) leave the call alone in
+    # the assistant turn: a model trained only with it answered those in loose text.
+    kept = reasoning if rng.random() < 0.5 else ""
+    turns.append(Turn("assistant", reasoning=kept, tool_calls=(ToolCall("get_weather", args, "call_1"),)))
     turns.append(Turn("tool", json.dumps({"temperature": temp, "unit": unit}), tool_call_id="call_1"))
     answer_reasoning = by_effort(effort, "The tool returned the weather.", f"It is {temp} degrees {unit} in {city}.",
                                  "I will tell the user.")  # fmt: skip
