@@ -284,11 +284,13 @@ def test_loading_with_the_native_backend_releases_the_mapped_experts(tmp_path, m
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
-    ("kv_heads", "group", "head_dim", "block"), [(1, 1, 32, 4), (2, 3, 64, 16), (3, 5, 48, 8)]
+    ("kv_heads", "group", "head_dim", "block"),
+    [(1, 1, 32, 4), (2, 3, 64, 16), (3, 5, 48, 8), (2, 8, 64, 16), (1, 2, 128, 2)],
 )
 def test_paged_decode_attention_matches_the_reference(dtype, kv_heads, group, head_dim, block):
-    """The kernel itself in both dtypes (the backend routes only fp32 to it: in bf16 the
-    reference is faster, see model/kernels/native.py): rows written, others untouched."""
+    """The kernel itself in both dtypes: rows written, others untouched. In bf16, head sizes
+    that are a multiple of 32 with even blocks take the AVX-512 BF16 dot-product path where
+    the CPU has it (48 and odd shapes the widening one)."""
     from model.paged_attention import DecodeGroup, attend_decode_group
 
     g = torch.Generator().manual_seed(kv_heads * 100 + head_dim)

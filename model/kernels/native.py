@@ -1,6 +1,7 @@
 """The ``native-cpu`` backend: the reference everywhere but the experts, whose MXFP4 weights
 ``model/kernels/native_cpu/`` multiplies packed (its ``PackedExperts`` and ``moe_experts``),
-and decode attention in fp32, which reads the paged cache in place (``paged_decode_attention``).
+and decode attention, which reads the paged cache in place (``paged_decode_attention``; fp32,
+and bf16 where the CPU has AVX-512 BF16).
 
 Imported by ``select.py`` only for a CPU device, after ``native_cpu.available()`` said yes,
 so nothing here is loaded on a GPU machine. Dense experts (``--dequantize-experts``, the
@@ -23,10 +24,11 @@ from .select import NATIVE_CPU
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
 # Where paged_decode_attention beats the reference's gather + matmuls (bench/attention_kernel.py,
-# AMD EPYC, 2026-12-03): fp32 1.3-2.7x at batch 16-64. In bf16 the reference's oneDNN bf16
-# matmuls win below ~512 keys (0.67-0.81x), so bf16 keeps the reference until the kernel
-# uses bf16 dot products too.
+# AMD EPYC, 2026-12-03): fp32 1.3-2.7x at batch 16-64. In bf16 it wins only with its AVX-512
+# BF16 dot-product path (the widening path lost to oneDNN's bf16 matmuls below ~512 keys,
+# 0.67-0.81x), so bf16 goes native only where the CPU has that path.
 NATIVE_ATTENTION_DTYPES = (torch.float32,)
+NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows the attention projections run in linear_bf16 (bench/linear_kernel.py,
 # AMD EPYC, 2026-12-03: 1.3-2.3x F.linear at 1-4 rows, which reorders the weight every call;
 # from 16 rows on oneDNN wins). The LM head stays on the reference's prepacked oneDNN weight:
@@ -52,6 +54,8 @@ class NativeCpuKernels(ReferenceKernels):
         self.native_cpu = native_cpu
         # Asked once: the per-call check takes the loader's lock, twice per layer per step.
         self.bf16_dot = native_cpu.bf16_dot_available()
+        # The dtypes whose decode attention runs in the kernel (a bench may narrow it to A/B).
+        self.attention_dtypes = NATIVE_ATTENTION_BF16_DOT_DTYPES if self.bf16_dot else NATIVE_ATTENTION_DTYPES
 
     def prepare_experts(self, experts: ExpertWeights, config: ModelConfig) -> ExpertWeights:
         if not experts.packed:
@@ -119,7 +123,7 @@ class NativeCpuKernels(ReferenceKernels):
         out: torch.Tensor,
     ) -> None:
         native = (
-            q.dtype in NATIVE_ATTENTION_DTYPES
+            q.dtype in self.attention_dtypes
             and k_cache.dtype == q.dtype
             and out.dtype == q.dtype
             and out.is_contiguous()

@@ -272,7 +272,8 @@ def paged_decode_attention(
     ``DecodeGroup``: rows [B], blocks [B * NBLK] physical blocks in logical order, mask [B, NBLK *
     block_size]): each query against its keys read from the caches [KVH, blocks, block_size,
     D] where they are, with the heads' sinks [H] (fp32). q and out [T, H, D] and the caches
-    share one dtype (fp32 or bf16). Raises RuntimeError when the kernel is unavailable."""
+    share one dtype (fp32 or bf16); bf16 uses AVX-512 BF16 dot products where the CPU has them
+    (``bf16_dot_available``). Raises RuntimeError when the kernel is unavailable."""
     if not available():
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     torch.ops.gptoss_native.paged_decode_attention(
@@ -284,6 +285,7 @@ def paged_decode_attention(
         mask.contiguous(),
         sinks.to(torch.float32).contiguous(),
         float(sm_scale),
+        bf16_dot_available(),
         out,
     )
 

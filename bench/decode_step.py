@@ -1,0 +1,84 @@
+"""Decode steps of the real engine with the decode attention in the reference or the native
+kernel, alternated in one run (A B A B), so the two are compared on the same machine state.
+
+    python bench/decode_step.py --model CKPT [--batch 1,16,64] [--context 128,512] [--rounds 6] [--steps 8]
+
+One ``LLMEngine`` (bf16, ``native-cpu``) per (batch, context): B requests with seeded prompts
+of the given length prefill, then decode greedily; every --steps decode steps the backend's
+``attention_dtypes`` switches between "reference" (nothing routed to the kernel) and
+"native" (the backend's default). Prints the median forward time of a decode step per
+setting and their ratio; contexts grow by --rounds x --steps x 2 tokens over a case, the
+same for both settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.types import SamplingParams
+
+
+def run_case(model: str, batch: int, context: int, rounds: int, steps: int) -> dict[str, list[float]]:
+    engine = LLMEngine(
+        EngineConfig(model, dtype="bfloat16", kernels="native-cpu", max_num_seqs=max(batch, 1))
+    )
+    kernels = engine.model.kernels
+    if not hasattr(kernels, "attention_dtypes"):
+        raise SystemExit(f"backend {kernels.name} has no native attention to compare")
+    native = kernels.attention_dtypes
+    rng = random.Random(batch * 7919 + context)
+    for i in range(batch):
+        prompt = [rng.randrange(1000, 100000) for _ in range(context)]
+        params = SamplingParams(temperature=0, max_tokens=2 * rounds * steps + 8, ignore_eos=True)
+        engine.add_request(f"r{i}", prompt, params)
+    while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
+        engine.step()  # prefill (and the first decode steps of early finishers) untimed
+    for _ in range(2):
+        engine.step()  # warm-up
+    times: dict[str, list[float]] = {"reference": [], "native": []}
+    for _ in range(rounds):
+        for name, dtypes in (("reference", ()), ("native", native)):
+            kernels.attention_dtypes = dtypes
+            for _ in range(steps):
+                before = engine.timing.forward_s
+                engine.step()
+                times[name].append((engine.timing.forward_s - before) * 1000)
+    kernels.attention_dtypes = native
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder")
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--context", default="128,512")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+    print()
+    print("| batch | context | reference step ms | native step ms | native / reference |")
+    print("|---|---|---|---|---|")
+    for b in (int(x) for x in args.batch.split(",")):
+        for ctx in (int(x) for x in args.context.split(",")):
+            t = run_case(args.model, b, ctx, args.rounds, args.steps)
+            r, n = statistics.median(t["reference"]), statistics.median(t["native"])
+            print(f"| {b} | {ctx} | {r:.2f} | {n:.2f} | {n / r:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
