@@ -41,7 +41,9 @@ def run_case(model: str, batch: int, context: int, rounds: int, steps: int) -> d
     rng = random.Random(batch * 7919 + context)
     for i in range(batch):
         prompt = [rng.randrange(1000, 100000) for _ in range(context)]
-        params = SamplingParams(temperature=0, max_tokens=2 * rounds * steps + 8, ignore_eos=True)
+        # Room for the decode steps that run while later prompts still prefill, so every
+        # request is still decoding when the timed steps start.
+        params = SamplingParams(temperature=0, max_tokens=1024, ignore_eos=True)
         engine.add_request(f"r{i}", prompt, params)
     while engine.scheduler.waiting or any(s.num_uncomputed_tokens > 1 for s in engine.scheduler.running):
         engine.step()  # prefill (and the first decode steps of early finishers) untimed
@@ -56,6 +58,8 @@ def run_case(model: str, batch: int, context: int, rounds: int, steps: int) -> d
                 engine.step()
                 times[name].append((engine.timing.forward_s - before) * 1000)
     kernels.attention_dtypes = native
+    if len(engine.scheduler.running) != batch:
+        raise SystemExit(f"only {len(engine.scheduler.running)} of {batch} requests were decoding")
     return times
 
 
