@@ -80,6 +80,7 @@ _STALE_LOCK_SECONDS = 600  # a build takes about a minute
 @dataclass
 class _State:
     loaded: bool = False
+    settled: bool = False  # the attempt is over (loaded or not); set last
     attempted: bool = False
     reason: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -107,6 +108,10 @@ def _build_key() -> str:
 
 def _load() -> None:
     """Loads the extension once per process: from the cache, else compiled into it."""
+    # Every op wrapper asks (via ``available``) on every call: once the attempt is over, the
+    # answer is read without the lock, which would otherwise be taken several times per layer.
+    if _state.settled:
+        return
     with _lock:
         if _state.attempted:
             return
@@ -149,6 +154,7 @@ def _load() -> None:
         except Exception as exc:  # no compiler, no ninja, a failed build: the portable path stays
             message = str(exc).strip().splitlines()
             _state.reason = f"{type(exc).__name__}: {' / '.join(message[-3:]) if message else ''}"
+        _state.settled = True
 
 
 def _library() -> tuple[Path, Path]:

@@ -43,18 +43,17 @@ GPTOSS_INLINE float widen(uint16_t h) { return bf16_to_f32(h); }
 
 // exp(x) for the softmax's x <= 0 (scores minus their maximum), vectorisable (std::exp is a
 // scalar call per score, which dominated this kernel): 2^(x log2 e) split into 2^n 2^f with
-// f in [-0.5, 0.5] and 2^f from Cephes' exp2f polynomial (relative error ~2e-7).
+// f in [-0.5, 0.5] and 2^f from Cephes' exp2f polynomial (relative error ~2e-7; coefficients
+// highest degree first, shared with the 16-lane form below).
+constexpr float kExp2Poly[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
+                                5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
+
 GPTOSS_INLINE float exp_nonpositive(float x) {
   const float t = std::max(x, -87.f) * 1.44269504088896341f;
   const float n = std::floor(t + 0.5f);
   const float f = t - n;
-  float p = 1.535336188319500e-4f;
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  p = p * f + 1.f;
+  float p = kExp2Poly[0];
+  for (int i = 1; i < 7; ++i) p = p * f + kExp2Poly[i];
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, 4);
@@ -175,24 +174,13 @@ GPTOSS_INLINE void reduce8(const __m512* a, float* out) {
   _mm_storeu_ps(out + 4, _mm512_extractf32x4_ps(w, 2));
 }
 
-// Round a finite non-negative float to bf16 (nearest even), vectorisable.
-GPTOSS_INLINE uint16_t round_bf16_nonneg(float x) {
-  const uint32_t b = f32_bits(x);
-  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
 // exp_nonpositive on 16 lanes (same polynomial; -inf and very negative x give ~0).
 GPTOSS_INLINE __m512 exp_nonpositive16(__m512 x) {
   const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(1.44269504088896341f));
   const __m512 nr = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, nr);
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(nr), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
@@ -262,7 +250,7 @@ GPTOSS_A512 void gptoss_attend_bf16_dot(const Shape& sh, const uint16_t* q, cons
     float rest = 0.f;
     for (; slot < n; ++slot) {
       const float p = mask[slot] ? exp_nonpositive(sg[slot] - row_max[g]) : 0.f;
-      pg[slot] = round_bf16_nonneg(p);
+      pg[slot] = f32_to_bf16(p);
       rest += p;
     }
     denom[g] = _mm512_reduce_add_ps(total) + rest + std::exp(sink[g] - row_max[g]);
