@@ -93,8 +93,11 @@ def arithmetic(skill: str, a: int, b: int, effort: str, rng: random.Random) -> S
 
 
 def repeat(rng: random.Random, pools: Pools, effort: str, phrase: str) -> Spec:
-    reasoning = by_effort(effort, "The user wants me to repeat a phrase.", "Repeat it exactly.",
-                          f"The phrase is: {phrase}")  # fmt: skip
+    # The phrase restated at every effort: twice the copying practice per example, and the
+    # answer then copies from a few tokens back (runs that restated it only at high effort
+    # dropped or doubled a word in 14-18% of held-out phrases).
+    reasoning = by_effort(effort, "The user wants me to repeat a phrase.", f"The phrase is: {phrase}",
+                          "I will write it exactly.")  # fmt: skip
     return Spec([Turn("user", f"Repeat after me: {phrase}")], final(reasoning, phrase), phrase)
 
 
@@ -188,6 +191,10 @@ def greet(rng: random.Random, effort: str) -> Spec:
 def name_memory(rng: random.Random, pools: Pools, effort: str, n_base: int) -> Spec:
     name = pick(rng, pools["name"], n_base)
     intro = rng.choice(("My name is {}.", "My name is {}", "Hi, my name is {}.")).format(name)
+    if rng.random() < 0.35:  # the introduction on its own gets a reply too (README's first turn)
+        reasoning = by_effort(effort, "The user introduces themselves.", f"Their name is {name}.",
+                              "I will greet them by name.")  # fmt: skip
+        return Spec([Turn("user", intro)], final(reasoning, f"Nice to meet you, {name}!"), name)
     turns = [
         Turn("user", intro),
         Turn("assistant", f"Nice to meet you, {name}!", reasoning="The user told me their name."),
