@@ -1,12 +1,15 @@
-"""Decode steps of the real engine with the decode attention in the reference or the native
-kernel, alternated in one run (A B A B), so the two are compared on the same machine state.
+"""Decode steps of the real engine with one op of the ``native-cpu`` backend in the reference's
+PyTorch code or in the native kernel, alternated in one run (A B A B), so the two are compared
+on the same machine state.
 
-    python bench/decode_step.py --model CKPT [--batch 1,16,64] [--context 128,512] [--rounds 6] [--steps 8]
+    python bench/decode_step.py --model CKPT [--op attention|norm_rope|head] [--batch 1,16,64]
+        [--context 128,512] [--rounds 6] [--steps 8]
 
 One ``LLMEngine`` (bf16, ``native-cpu``) per (batch, context): B requests with seeded prompts
-of the given length prefill, then decode greedily; every --steps decode steps the backend's
-``attention_dtypes`` switches between "reference" (nothing routed to the kernel) and
-"native" (the backend's default). Prints the median forward time of a decode step per
+of the given length prefill, then decode greedily; every --steps decode steps the op switches
+between "reference" and "native" (the backend's default): ``attention`` = the decode
+attention (the backend's ``attention_dtypes``), ``norm_rope`` = RMSNorm and RoPE, ``head`` =
+the prepacked unembedding with its rows padded to HEAD_MIN_ROWS ("native") or not. Prints the median forward time of a decode step per
 setting and their ratio; contexts grow by --rounds x --steps x 2 tokens over a case, the
 same for both settings.
 """
@@ -19,6 +22,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,16 +32,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.types import SamplingParams
+from model.kernels import ReferenceKernels
+from model.prepacked import HEAD_MIN_ROWS
+from model.transformer import GptOssModel
 
 
-def run_case(model: str, batch: int, context: int, rounds: int, steps: int) -> dict[str, list[float]]:
+def op_switch(model: GptOssModel, op: str) -> Callable[[bool], None]:
+    """A function that puts ``op`` of the model on its native / new (True) or reference path."""
+    kernels = model.kernels
+    if op == "head":
+        head = model.weights.unembedding_prepacked
+        if head is None:
+            raise SystemExit("no prepacked unembedding here (oneDNN, bf16 on the CPU)")
+
+        def padded(on: bool) -> None:
+            head.min_rows = HEAD_MIN_ROWS if on else 1
+
+        return padded
+    if op == "attention":
+        if not hasattr(kernels, "attention_dtypes"):
+            raise SystemExit(f"backend {kernels.name} has no native attention to compare")
+        native = kernels.attention_dtypes
+
+        def attention(on: bool) -> None:
+            kernels.attention_dtypes = native if on else ()
+
+        return attention
+
+    def norm_rope(on: bool) -> None:  # an instance attribute hides the backend's method
+        for name in ("rms_norm", "rope"):
+            if on:
+                vars(kernels).pop(name, None)
+            else:
+                setattr(kernels, name, getattr(ReferenceKernels, name).__get__(kernels))
+
+    return norm_rope
+
+
+def run_case(
+    model: str, op: str, batch: int, context: int, rounds: int, steps: int
+) -> dict[str, list[float]]:
     engine = LLMEngine(
         EngineConfig(model, dtype="bfloat16", kernels="native-cpu", max_num_seqs=max(batch, 1))
     )
-    kernels = engine.model.kernels
-    if not hasattr(kernels, "attention_dtypes"):
-        raise SystemExit(f"backend {kernels.name} has no native attention to compare")
-    native = kernels.attention_dtypes
+    switch = op_switch(engine.model, op)
     rng = random.Random(batch * 7919 + context)
     for i in range(batch):
         prompt = [rng.randrange(1000, 100000) for _ in range(context)]
@@ -51,13 +89,13 @@ def run_case(model: str, batch: int, context: int, rounds: int, steps: int) -> d
         engine.step()  # warm-up
     times: dict[str, list[float]] = {"reference": [], "native": []}
     for _ in range(rounds):
-        for name, dtypes in (("reference", ()), ("native", native)):
-            kernels.attention_dtypes = dtypes
+        for name, on in (("reference", False), ("native", True)):
+            switch(on)
             for _ in range(steps):
                 before = engine.timing.forward_s
                 engine.step()
                 times[name].append((engine.timing.forward_s - before) * 1000)
-    kernels.attention_dtypes = native
+    switch(True)
     if len(engine.scheduler.running) != batch:
         raise SystemExit(f"only {len(engine.scheduler.running)} of {batch} requests were decoding")
     return times
@@ -66,6 +104,7 @@ def run_case(model: str, batch: int, context: int, rounds: int, steps: int) -> d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder")
+    ap.add_argument("--op", choices=("attention", "norm_rope", "head"), default="attention")
     ap.add_argument("--batch", default="1,16,64")
     ap.add_argument("--context", default="128,512")
     ap.add_argument("--rounds", type=int, default=6)
@@ -73,12 +112,13 @@ def main() -> int:
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")  # fmt: skip
+    print(f"op: {args.op}")
     print()
     print("| batch | context | reference step ms | native step ms | native / reference |")
     print("|---|---|---|---|---|")
     for b in (int(x) for x in args.batch.split(",")):
         for ctx in (int(x) for x in args.context.split(",")):
-            t = run_case(args.model, b, ctx, args.rounds, args.steps)
+            t = run_case(args.model, args.op, b, ctx, args.rounds, args.steps)
             r, n = statistics.median(t["reference"]), statistics.median(t["native"])
             print(f"| {b} | {ctx} | {r:.2f} | {n:.2f} | {n / r:.2f} |", flush=True)
     return 0

@@ -119,7 +119,10 @@ class Scheduler:
         scheduled: dict[Sequence, int] = {}
         budget = self._grow_running(decodes, self.max_num_batched_tokens, scheduled, out)
         if chunks or self.waiting:  # prefill beside the decodes: bounded by the step budget
-            budget = min(budget, self.step_budget.prefill_tokens(sum(scheduled.values())))
+            # Sequences whose prefill this step could advance: a queue beyond the free
+            # slots cannot be admitted now, and must not make every step a full-size one.
+            waiting = len(chunks) + min(len(self.waiting), self.max_num_seqs - len(self.running))
+            budget = min(budget, self.step_budget.prefill_tokens(sum(scheduled.values()), waiting))
         budget = self._grow_running(chunks, budget, scheduled, out)
         out.seqs.extend(scheduled)
         out.num_new_tokens.extend(scheduled.values())

@@ -11,7 +11,7 @@ from .batch import BatchMetadata
 from .config import ModelConfig
 from .kernels import Kernels, ReferenceKernels
 from .kv_cache import KVCache
-from .layers import ExpertWeights, YarnRope, rms_norm, route
+from .layers import ExpertWeights, YarnRope, route
 from .paged_attention import build_plan
 from .prepacked import PrepackedLinear
 
@@ -125,7 +125,7 @@ class GptOssModel(torch.nn.Module):
         t = x.shape[0]
         for i, layer in enumerate(w.layers):
             # Attention half.
-            y = rms_norm(x, layer.attn_norm, c.rms_norm_eps)
+            y = ops.rms_norm(x, layer.attn_norm, c.rms_norm_eps)
             qkv = ops.linear(y, layer.qkv_weight, layer.qkv_bias)
             q = qkv[:, : c.q_dim].view(t, c.num_heads, c.head_dim)
             k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].view(t, c.num_kv_heads, c.head_dim)
@@ -133,8 +133,8 @@ class GptOssModel(torch.nn.Module):
             # Q and K rotated in fp32, kept in the model dtype (as the references keep them);
             # K is stored and attended that way whether or not it goes through the cache, so
             # cached decode and full recomputation see the same keys.
-            q = YarnRope.apply(q, cos, sin)
-            k = YarnRope.apply(k, cos, sin)
+            q = ops.rope(q, cos, sin)
+            k = ops.rope(k, cos, sin)
             sliding = c.is_sliding(i)
             attn = ops.attention(
                 plans[sliding], q, k, v,
@@ -145,11 +145,11 @@ class GptOssModel(torch.nn.Module):
             attn = attn.reshape(t, c.q_dim)
             x = x + ops.linear(attn, layer.out_weight, layer.out_bias)
             # MoE half: the router in fp32 here (the same on every backend), the experts there.
-            y = rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
+            y = ops.rms_norm(x, layer.mlp_norm, c.rms_norm_eps)
             routing_weights, expert_ids = route(
                 y, layer.router_weight, layer.router_bias, c.experts_per_token
             )
             x = x + ops.moe(y, routing_weights, expert_ids, layer.experts, c)
         x = x.index_select(0, meta.logits_indices.to(self.device))
-        x = rms_norm(x, w.norm, c.rms_norm_eps)
+        x = ops.rms_norm(x, w.norm, c.rms_norm_eps)
         return ops.lm_head_argmax(x, w) if greedy else ops.lm_head(x, w)

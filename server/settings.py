@@ -108,7 +108,8 @@ class ServerSettings:
         "this long, which bounds the inter-token stall a long prompt causes: `auto` = twice the "
         "time of the step's decode tokens alone (learned from the steps run), a number of "
         "milliseconds, or `off` (only `--max-num-batched-tokens`). With nothing decoding, prefill "
-        "always runs at full size",
+        "always runs at full size, and `auto` also runs it at full size while at least twice as "
+        "many requests wait for prefill as decode (a burst being admitted)",
         engine=True,
     )
     max_model_len: int | None = setting(

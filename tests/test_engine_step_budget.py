@@ -178,3 +178,82 @@ def test_auto_measures_small_steps_before_trusting_a_burst_of_big_ones() -> None
     p = b.prefill_tokens(3)
     assert MIN_PREFILL_TOKENS < p < 2048 - 3
     assert cost(3 + p) <= 2 * cost(3 + MIN_PREFILL_TOKENS) * 1.01  # near twice the small step
+
+
+def test_auto_admits_a_burst_at_full_size_while_few_streams_decode() -> None:
+    """While at least RAMP_RATIO times as many sequences wait for prefill as decode, auto
+    runs prefill at full size; past that it bounds the step again. An explicit target is a
+    promise about every step and never ramps."""
+    from engine.step_budget import RAMP_RATIO
+
+    cost = affine(0.02, 0.0005)
+    auto, fixed = StepBudget("auto", 2048), StepBudget("30", 2048)
+    for b in (auto, fixed):
+        for n in (1, 16, 64, 512, 2048):
+            b.observe(n, cost(n))
+    for decodes in (1, 7, 20):
+        bounded = auto.prefill_tokens(decodes, 0)
+        assert bounded < 2048 - decodes
+        assert auto.prefill_tokens(decodes, RAMP_RATIO * decodes) == 2048 - decodes
+        assert auto.prefill_tokens(decodes, RAMP_RATIO * decodes - 1) == bounded
+        assert fixed.prefill_tokens(decodes, 100 * decodes) == fixed.prefill_tokens(decodes, 0)
+
+
+def test_scheduler_admits_a_burst_at_full_size_then_bounds_it() -> None:
+    """One stream decodes and four long prompts wait: they go in at full size until fewer
+    than RAMP_RATIO waiting sequences per decoding one are left, then in bounded chunks."""
+    from engine.step_budget import RAMP_RATIO
+
+    bm = KVBlockManager(4, 8192, 0, None, False)
+    budget = StepBudget("auto", 1024)
+    cost = affine(0.02, 0.0005)
+    for n in (1, 4, 64, 1024):
+        budget.observe(n, cost(n))
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1024, step_budget=budget)
+    p = SamplingParams(max_tokens=100, ignore_eos=True)
+    first = Sequence("a", list(range(10)), p, RequestMetrics(0.0))
+    sched.add(first)
+    out = sched.schedule()
+    first.num_computed_tokens += 10
+    first.token_ids.append(1)
+    for i in range(4):
+        sched.add(Sequence(f"b{i}", list(range(900)), p, RequestMetrics(0.0)))
+    while sched.waiting or any(s.num_uncomputed_tokens > 1 for s in sched.running):
+        decoding = [s for s in sched.running if s.num_uncomputed_tokens == 1]
+        waiting = len(sched.waiting) + sum(1 for s in sched.running if s.num_uncomputed_tokens > 1)
+        out = sched.schedule()
+        prefill = sum(n for n in out.num_new_tokens if n > 1)
+        if waiting >= RAMP_RATIO * len(decoding):
+            assert prefill == min(1024 - len(decoding), waiting * 900)  # full size
+        else:
+            assert prefill <= budget.prefill_tokens(len(decoding))
+        for s, n in zip(out.seqs, out.num_new_tokens, strict=True):
+            s.num_computed_tokens += n
+            bm.on_computed(s)
+            if s.num_uncomputed_tokens == 0:
+                s.token_ids.append(1)
+
+
+def test_a_queue_beyond_the_free_slots_does_not_ramp() -> None:
+    """Two streams decode, one slot is free and ten prompts wait: only one of them can be
+    admitted, so the step stays bounded (counting the whole queue would make every step a
+    full-size one whenever a slot frees, stalling every stream)."""
+    bm = KVBlockManager(4, 8192, 0, None, False)
+    budget = StepBudget("auto", 1024)
+    cost = affine(0.02, 0.0005)
+    for n in (1, 4, 64, 1024):
+        budget.observe(n, cost(n))
+    sched = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=1024, step_budget=budget)
+    p = SamplingParams(max_tokens=100, ignore_eos=True)
+    running = [Sequence(f"a{i}", list(range(10)), p, RequestMetrics(0.0)) for i in range(2)]
+    for s in running:
+        sched.add(s)
+    sched.schedule()
+    for s in running:
+        s.num_computed_tokens += 10
+        s.token_ids.append(1)
+    for i in range(10):
+        sched.add(Sequence(f"q{i}", list(range(900)), p, RequestMetrics(0.0)))
+    out = sched.schedule()
+    assert out.num_new_tokens[:2] == [1, 1] and len(out.num_new_tokens) == 3
+    assert 0 < out.num_new_tokens[2] <= budget.prefill_tokens(2) < 900

@@ -312,3 +312,45 @@ def test_paged_decode_attention_matches_the_reference(dtype, kv_heads, group, he
     assert ((got[rows].float() - expected[rows].float()).abs() / scale).max() <= tolerance
     untouched = [i for i in range(tokens) if i not in rows.tolist()]
     assert (got[untouched] == 7.0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("rows", "hidden"), [(1, 640), (3, 37), (300, 96), (2, 2880)])
+def test_rms_norm_matches_the_reference(dtype, rows, hidden):
+    """Rows of odd widths (not a multiple of the 16 lanes), one row, and enough rows to split
+    across threads; the input a strided view, as the residual stream's rows may be. The sum of
+    squares is ordered differently from torch's, so the result may move by the rounding of
+    the mean: within an ulp of fp32, and within one bf16 rounding step."""
+    g = torch.Generator().manual_seed(rows * 7 + hidden)
+    wide = (torch.randn(rows, hidden + 5, generator=g) * 3).to(dtype)
+    x = wide[:, 2 : 2 + hidden]  # row stride hidden + 5
+    scale = torch.rand(hidden, generator=g) + 0.5
+    expected = layers.rms_norm(x, scale, 1e-5)
+    got = native_cpu.rms_norm(x, scale, 1e-5)
+    assert got.dtype == dtype and got.shape == (rows, hidden) and got.is_contiguous()
+    diff = (got.float() - expected.float()).abs() / expected.float().abs().clamp_min(1e-30)
+    assert diff.max() <= (1e-6 if dtype == torch.float32 else 2**-7)
+    out = torch.full_like(expected, float("nan"))
+    assert native_cpu.rms_norm(x, scale, 1e-5, out=out) is out and torch.equal(out, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("rows", "heads", "head_dim"), [(1, 64, 64), (5, 3, 6), (300, 4, 64), (2, 7, 2)])
+def test_rope_is_bit_identical_to_the_reference(dtype, rows, heads, head_dim):
+    """The rotation's arithmetic is the reference's operation for operation, so the result is
+    equal, for q and k read as views into one fused projection output (row stride = all
+    heads of q, k and v), at real YaRN positions."""
+    from model.config import ModelConfig
+    from model.layers import YarnRope
+
+    g = torch.Generator().manual_seed(rows + heads * 10 + head_dim)
+    kv = max(1, heads // 2)
+    qkv = (torch.randn(rows, (heads + 2 * kv) * head_dim, generator=g) * 4).to(dtype)
+    q = qkv[:, : heads * head_dim].view(rows, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv) * head_dim].view(rows, kv, head_dim)
+    config = ModelConfig(head_dim=head_dim, rope_scaling_factor=32.0)
+    cos, sin = YarnRope(config).cos_sin(torch.randint(0, 100000, (rows,), generator=g))
+    for x in (q, k):
+        expected = YarnRope.apply(x, cos, sin)
+        got = native_cpu.rope(x, cos, sin)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, expected)

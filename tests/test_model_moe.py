@@ -80,3 +80,20 @@ def test_experts_fused_per_expert_equal_one_swiglu_for_all(monkeypatch, dtype):
     monkeypatch.setattr(layers, "FUSED_EXPERT_ROWS", 10**9)
     shared = moe(y, experts, router_w, router_b, config)
     assert torch.equal(fused, shared)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_a_prepacked_head_padded_to_more_rows_gives_the_same_bits(rows):
+    """The unembedding pads 1-3 decode rows (model/prepacked.py, HEAD_MIN_ROWS): the rows
+    asked for come out as the unpadded product's, bit for bit, and as F.linear's."""
+    from model.prepacked import HEAD_MIN_ROWS, PrepackedLinear, prepack_available
+
+    if not prepack_available(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("no oneDNN in this torch build")
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(3001, 640, generator=g) * 0.05).bfloat16()
+    x = torch.randn(rows, 640, generator=g).bfloat16()
+    padded, plain = PrepackedLinear(w, HEAD_MIN_ROWS), PrepackedLinear(w)
+    got = padded(x)
+    assert got.shape == (rows, 3001)
+    assert torch.equal(got, plain(x)) and torch.equal(got, torch.nn.functional.linear(x, w))

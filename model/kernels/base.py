@@ -3,8 +3,9 @@ of the weights those ops read.
 
 ``GptOssModel.forward`` calls these and nothing else for its matmuls, attention and
 experts, so a backend (``reference.py``: today's PyTorch code; a native one) is swapped in
-without the network knowing. The small fp32 steps (RMSNorm, RoPE, the router's top-k) stay
-in the forward pass: they are the same on every backend.
+without the network knowing. RMSNorm and RoPE are ops too (a handful of small torch ops each,
+one pass natively: together ~1 ms of a batch-1 token); the router's top-k stays in the
+forward pass, the same on every backend.
 
 Contract for every op: inputs are on the model's device, outputs come back on it, in the
 dtype documented; an op never changes its inputs (except the KV cache ``attention`` writes
@@ -83,6 +84,17 @@ class Kernels(Protocol):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] @ weight [out, in].T + bias -> [T, out] in x's dtype (the attention
         projections)."""
+        ...
+
+    def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        """x [T, H] -> x / sqrt(mean(x^2) + eps) * scale with fp32 statistics and the fp32
+        scale [H], in x's dtype (``model.layers.rms_norm``)."""
+        ...
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, D] (possibly a view into the qkv projection) rotated by fp32 cos, sin
+        [T, D/2] in fp32 and rounded once: a new [T, heads, D] tensor in x's dtype
+        (``model.layers.YarnRope.apply``)."""
         ...
 
     def lm_head(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:

@@ -4,8 +4,8 @@ A few random rows of the model's real widths (hidden size, heads, head dim, inte
 size) go through each op on both backends: the MoE over the first experts of layer 0 (a
 decode-sized and a prefill-sized batch), paged attention with sinks over a mixed batch
 (a prefill chunk after cached tokens, decodes; with and without a sliding window; and a
-cache-less prefill), both attention projections, and the LM head over the first rows of the
-vocabulary. Real weights, sliced, so the check reads the form the model will run (packed
+cache-less prefill), both attention projections, RMSNorm and RoPE, and the LM head over the
+first rows of the vocabulary. Real weights, sliced, so the check reads the form the model will run (packed
 or dense experts) without allocating a layer's worth of random ones. At 120b widths it
 costs about a second of CPU, most of it the reference dequantizing its two experts.
 """
@@ -59,7 +59,7 @@ def self_check(
     """None when ``candidate`` matches ``reference`` on every op, else why not (the first
     op that raised or differed beyond ``TOLERANCE``)."""
     device = weights.embedding.device
-    checks = (_check_moe, _check_attention, _check_linear, _check_lm_head)
+    checks = (_check_moe, _check_attention, _check_linear, _check_norm_rope, _check_lm_head)
     try:
         with torch.inference_mode():
             for check in checks:
@@ -212,6 +212,28 @@ def _check_linear(
     ):
         x = _randn(g, 3, weight.shape[1], dtype=dtype, device=device)
         _compare(what, candidate.linear(x, weight, bias), reference.linear(x, weight, bias), dtype)
+
+
+def _check_norm_rope(
+    candidate: Kernels,
+    reference: Kernels,
+    weights: ModelWeights,
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    from ..layers import YarnRope
+
+    layer = weights.layers[0]
+    g = torch.Generator(device=device).manual_seed(4)
+    x = _randn(g, 3, config.hidden_size, dtype=dtype, device=device)
+    eps = config.rms_norm_eps
+    _compare("rms_norm", candidate.rms_norm(x, layer.attn_norm, eps), reference.rms_norm(x, layer.attn_norm, eps),
+             dtype)  # fmt: skip
+    positions = torch.tensor([0, 7, 4000], device=device)
+    cos, sin = YarnRope(config, device).cos_sin(positions)
+    q = _randn(g, 3, config.num_heads, config.head_dim, dtype=dtype, device=device)
+    _compare("rope", candidate.rope(q, cos, sin), reference.rope(q, cos, sin), dtype)
 
 
 def _check_lm_head(

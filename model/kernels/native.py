@@ -1,7 +1,7 @@
 """The ``native-cpu`` backend: the reference everywhere but the experts, whose MXFP4 weights
 ``model/kernels/native_cpu/`` multiplies packed (its ``PackedExperts`` and ``moe_experts``),
-and decode attention, which reads the paged cache in place (``paged_decode_attention``; fp32,
-and bf16 where the CPU has AVX-512 BF16).
+decode attention, which reads the paged cache in place (``paged_decode_attention``; fp32,
+and bf16 where the CPU has AVX-512 BF16), and RMSNorm and RoPE in one pass each.
 
 Imported by ``select.py`` only for a CPU device, after ``native_cpu.available()`` said yes,
 so nothing here is loaded on a GPU machine. Dense experts (``--dequantize-experts``, the
@@ -96,6 +96,19 @@ class NativeCpuKernels(ReferenceKernels):
         if native:
             return self.native_cpu.linear_bf16(x, weight, bias)
         return super().linear(x, weight, bias)
+
+    def _native_rows(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and x.stride(-1) == 1
+
+    def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        if self._native_rows(x) and x.dim() == 2:
+            return self.native_cpu.rms_norm(x, scale, eps)
+        return super().rms_norm(x, scale, eps)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self._native_rows(x) and x.dim() == 3:
+            return self.native_cpu.rope(x, cos, sin)
+        return super().rope(x, cos, sin)
 
     def attention(
         self,

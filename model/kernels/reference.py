@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..layers import ExpertWeights, moe_routed
+from ..layers import ExpertWeights, YarnRope, moe_routed, rms_norm
 from ..paged_attention import AttentionPlan, paged_attention
-from ..prepacked import PrepackedLinear, prepack_available
+from ..prepacked import HEAD_MIN_ROWS, PrepackedLinear, prepack_available
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -69,7 +69,7 @@ class ReferenceKernels:
 
     def prepare_lm_head(self, weights: ModelWeights) -> None:
         if self._prepacks(weights.unembedding):
-            weights.unembedding_prepacked = PrepackedLinear(weights.unembedding)
+            weights.unembedding_prepacked = PrepackedLinear(weights.unembedding, HEAD_MIN_ROWS)
 
     def moe(
         self,
@@ -99,6 +99,12 @@ class ReferenceKernels:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.linear(x, weight, bias)
+
+    def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, scale, eps)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return YarnRope.apply(x, cos, sin)
 
     def lm_head(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
         if weights.unembedding_prepacked is not None:

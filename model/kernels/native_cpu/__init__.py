@@ -28,6 +28,8 @@ API:
   with fp32 accumulation, or with ``argmax`` the greedy token of every row without writing
   the product (``linear.cpp``).
 - ``argmax_rows(logits) -> Tensor``: ``logits.argmax(-1)`` vectorised, fp32 or bf16.
+- ``rms_norm(x, scale, eps, out=None)`` and ``rope(x, cos, sin, out=None)``: RMSNorm and the
+  RoPE rotation in one pass each, fp32 or bf16, any ISA (``norm_rope.cpp``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ __all__ = [
     "linear_bf16",
     "moe_experts",
     "paged_decode_attention",
+    "rms_norm",
+    "rope",
     "unavailable_reason",
 ]
 
@@ -69,8 +73,8 @@ ISAS: tuple[str, ...] = ("generic", "avx2", "avx512_bf16", "amx")
 AMX_MIN_ROWS = 4
 
 _DIR = Path(__file__).resolve().parent
-_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "linear.cpp", "bf16.h")
-_COMPILED = ("moe.cpp", "attention.cpp", "linear.cpp")
+_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "linear.cpp", "norm_rope.cpp", "bf16.h")
+_COMPILED = ("moe.cpp", "attention.cpp", "linear.cpp", "norm_rope.cpp")
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
 _OK_MARKER = "built.ok"
@@ -335,3 +339,38 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     ids = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     torch.ops.gptoss_native.argmax_rows(logits.contiguous(), ids)
     return ids
+
+
+def rms_norm(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``model.layers.rms_norm`` of fp32 or bf16 [T, H] rows (unit column stride) with an
+    fp32 scale [H], in x's dtype, written into ``out`` when given. Raises RuntimeError when
+    the kernels are unavailable."""
+    if not available():
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.gptoss_native.rms_norm(x, scale.to(torch.float32).contiguous(), float(eps), out)
+    return out
+
+
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``YarnRope.apply``: fp32 or bf16 x [T, heads, D] (any row and head strides, unit last
+    stride: a view into the fused qkv output is read in place) rotated by fp32 cos, sin
+    [T, D/2], in x's dtype, contiguous, written into ``out`` when given. Raises RuntimeError
+    when the kernels are unavailable."""
+    if not available():
+        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.gptoss_native.rope(
+        x, cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous(), out
+    )
+    return out
