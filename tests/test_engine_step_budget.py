@@ -38,6 +38,18 @@ def affine(a: float, b: float) -> Callable[[float], float]:
     return lambda n: a + b * n
 
 
+COST = affine(0.02, 0.0005)
+
+
+def auto_scheduler(max_num_seqs: int, tokens: int, blocks: int = 8192) -> tuple[Scheduler, StepBudget]:
+    """A scheduler whose `auto` budget has seen steps of 1 to ``tokens`` tokens cost COST."""
+    budget = StepBudget("auto", tokens)
+    for n in (1, 4, 64, tokens):
+        budget.observe(n, COST(n))
+    bm = KVBlockManager(4, blocks, 0, None, False)
+    return Scheduler(bm, max_num_seqs=max_num_seqs, max_num_batched_tokens=tokens, step_budget=budget), budget
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_cost_model_learns_an_affine_cost_and_inverts_it(seed: int) -> None:
     rng = random.Random(seed)
@@ -88,12 +100,8 @@ def test_budget_rules() -> None:
 
 
 def test_scheduler_bounds_prefill_beside_decodes_only() -> None:
-    bm = KVBlockManager(4, 4096, 0, None, False)
-    budget = StepBudget("auto", 2048)
-    cost = affine(0.02, 0.0005)
-    for n in (1, 4, 64, 2048):
-        budget.observe(n, cost(n))
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=2048, step_budget=budget)
+    sched, budget = auto_scheduler(8, 2048, blocks=4096)
+    bm, cost = sched.block_manager, COST
     p = SamplingParams(max_tokens=100, ignore_eos=True)
     first = Sequence("a", list(range(10)), p, RequestMetrics(0.0))
     sched.add(first)
@@ -204,12 +212,8 @@ def test_scheduler_admits_a_burst_at_full_size_then_bounds_it() -> None:
     than RAMP_RATIO waiting sequences per decoding one are left, then in bounded chunks."""
     from engine.step_budget import RAMP_RATIO
 
-    bm = KVBlockManager(4, 8192, 0, None, False)
-    budget = StepBudget("auto", 1024)
-    cost = affine(0.02, 0.0005)
-    for n in (1, 4, 64, 1024):
-        budget.observe(n, cost(n))
-    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=1024, step_budget=budget)
+    sched, budget = auto_scheduler(8, 1024)
+    bm = sched.block_manager
     p = SamplingParams(max_tokens=100, ignore_eos=True)
     first = Sequence("a", list(range(10)), p, RequestMetrics(0.0))
     sched.add(first)
@@ -238,12 +242,7 @@ def test_a_queue_beyond_the_free_slots_does_not_ramp() -> None:
     """Two streams decode, one slot is free and ten prompts wait: only one of them can be
     admitted, so the step stays bounded (counting the whole queue would make every step a
     full-size one whenever a slot frees, stalling every stream)."""
-    bm = KVBlockManager(4, 8192, 0, None, False)
-    budget = StepBudget("auto", 1024)
-    cost = affine(0.02, 0.0005)
-    for n in (1, 4, 64, 1024):
-        budget.observe(n, cost(n))
-    sched = Scheduler(bm, max_num_seqs=3, max_num_batched_tokens=1024, step_budget=budget)
+    sched, budget = auto_scheduler(3, 1024)
     p = SamplingParams(max_tokens=100, ignore_eos=True)
     running = [Sequence(f"a{i}", list(range(10)), p, RequestMetrics(0.0)) for i in range(2)]
     for s in running:

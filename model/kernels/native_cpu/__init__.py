@@ -341,18 +341,25 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def rms_norm(
-    x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``model.layers.rms_norm`` of fp32 or bf16 [T, H] rows (unit column stride) with an
-    fp32 scale [H], in x's dtype, written into ``out`` when given. Raises RuntimeError when
-    the kernels are unavailable."""
+def _rows_and_out(x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-wise ops' shared preamble: the kernels loaded, x with a unit last stride (rows
+    and heads may be strided views), and a fresh contiguous output unless one was given."""
     if not available():
         raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if out is None:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return x, out
+
+
+def rms_norm(
+    x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``model.layers.rms_norm`` of fp32 or bf16 [T, H] rows (unit column stride) with an
+    fp32 scale [H], in x's dtype, written into ``out`` when given. Raises RuntimeError when
+    the kernels are unavailable."""
+    x, out = _rows_and_out(x, out)
     torch.ops.gptoss_native.rms_norm(x, scale.to(torch.float32).contiguous(), float(eps), out)
     return out
 
@@ -364,12 +371,7 @@ def rope(
     stride: a view into the fused qkv output is read in place) rotated by fp32 cos, sin
     [T, D/2], in x's dtype, contiguous, written into ``out`` when given. Raises RuntimeError
     when the kernels are unavailable."""
-    if not available():
-        raise RuntimeError(f"native kernels unavailable: {unavailable_reason()}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x, out = _rows_and_out(x, out)
     torch.ops.gptoss_native.rope(
         x, cos.to(torch.float32).contiguous(), sin.to(torch.float32).contiguous(), out
     )
