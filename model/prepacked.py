@@ -18,9 +18,11 @@ import torch
 # The row count oneDNN tunes the packed layout for (the layout serves any row count).
 BATCH_HINT = 8
 # oneDNN's 1-3 row products read a large weight slower than its 4-row one: the small preset's
-# unembedding [201088, 640] took 20.9 ms for 1 row and 16.4 ms for 4 (2 threads, AMD EPYC),
-# and each row's result is the same bits either way (tests/test_model_moe.py). So the
-# unembedding pads its decode rows to this count (a c=1 token is mostly that one product).
+# unembedding [201088, 640] took 20.9 ms for 1 row and 16.4 ms for 4 (2 threads, AMD EPYC), so
+# the unembedding pads its decode rows to this count (a c=1 token is mostly that one product).
+# On that CPU each row's result is the same bits either way; a CPU where oneDNN picks another
+# kernel at 4 rows (AMX) may round a logit differently, within bf16's rounding, as batching
+# the rows would (tests/test_model_moe.py).
 HEAD_MIN_ROWS = 4
 
 

@@ -83,9 +83,11 @@ def test_experts_fused_per_expert_equal_one_swiglu_for_all(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3])
-def test_a_prepacked_head_padded_to_more_rows_gives_the_same_bits(rows):
+def test_a_prepacked_head_padded_to_more_rows_gives_the_product_of_those_rows(rows):
     """The unembedding pads 1-3 decode rows (model/prepacked.py, HEAD_MIN_ROWS): the rows
-    asked for come out as the unpadded product's, bit for bit, and as F.linear's."""
+    asked for are exactly their rows of the padded product, and agree with F.linear within
+    bf16's rounding (on CPUs without AMX, to the bit)."""
+    from model.kernels.check import TOLERANCE, max_relative_error
     from model.prepacked import HEAD_MIN_ROWS, PrepackedLinear, prepack_available
 
     if not prepack_available(torch.device("cpu"), torch.bfloat16):
@@ -96,4 +98,6 @@ def test_a_prepacked_head_padded_to_more_rows_gives_the_same_bits(rows):
     padded, plain = PrepackedLinear(w, HEAD_MIN_ROWS), PrepackedLinear(w)
     got = padded(x)
     assert got.shape == (rows, 3001)
-    assert torch.equal(got, plain(x)) and torch.equal(got, torch.nn.functional.linear(x, w))
+    assert torch.equal(got, plain(torch.cat([x, x.new_zeros(HEAD_MIN_ROWS - rows, 640)]))[:rows])
+    assert max_relative_error(got, torch.nn.functional.linear(x, w)) <= TOLERANCE[torch.bfloat16]
+    assert torch.equal(plain(x[:0]), padded(x[:0]))  # no rows: nothing padded
