@@ -90,11 +90,21 @@ def test_a_prepacked_head_padded_to_more_rows_gives_the_product_of_those_rows(ro
     from model.kernels.check import TOLERANCE, max_relative_error
     from model.prepacked import HEAD_MIN_ROWS, PrepackedLinear, prepack_available
 
-    if not prepack_available(torch.device("cpu"), torch.bfloat16):
-        pytest.skip("no oneDNN in this torch build")
     g = torch.Generator().manual_seed(rows)
     w = (torch.randn(3001, 640, generator=g) * 0.05).bfloat16()
     x = torch.randn(rows, 640, generator=g).bfloat16()
+    if not prepack_available(torch.device("cpu"), torch.bfloat16):
+        # A build without oneDNN: nothing is prepacked or padded, the head is F.linear.
+        from types import SimpleNamespace
+
+        from model.kernels import ReferenceKernels
+
+        head = SimpleNamespace(unembedding=w, unembedding_prepacked=None)
+        kernels = ReferenceKernels(torch.device("cpu"), torch.bfloat16)
+        kernels.prepare_lm_head(head)
+        assert head.unembedding_prepacked is None
+        assert torch.equal(kernels.lm_head(x, head), torch.nn.functional.linear(x, w))
+        return
     padded, plain = PrepackedLinear(w, HEAD_MIN_ROWS), PrepackedLinear(w)
     got = padded(x)
     assert got.shape == (rows, 3001)

@@ -97,8 +97,8 @@ class NativeCpuKernels(ReferenceKernels):
             return self.native_cpu.linear_bf16(x, weight, bias)
         return super().linear(x, weight, bias)
 
-    def _native_rows(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and x.stride(-1) == 1
+    def _native_rows(self, x: torch.Tensor) -> bool:  # the wrappers take any strides
+        return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES
 
     def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
         if self._native_rows(x) and x.dim() == 2:
