@@ -1,7 +1,7 @@
 """The native CPU MoE kernel (model/kernels/native_cpu) against the reference expert math.
 
 Random MXFP4 experts of odd small shapes; every path this CPU runs (generic, AVX2,
-AVX-512 BF16, AMX, and AMX forced onto every expert); fp32 and bf16 activations; routings
+AVX-512 BF16, AVX-512 VNNI, AMX, and AMX forced onto every expert); fp32 and bf16 activations; routings
 where some experts receive no rows, one expert most of them, and tokens name an expert
 twice. Compared with model.layers' own expert code (dequantize per use, matmuls, SwiGLU,
 weighted sum) and with a float64 evaluation of the same maths.
@@ -98,7 +98,7 @@ def row_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # (isa cap, amx_min_rows): every path this machine can run.
-PATHS = [("generic", 4), ("avx2", 4), ("avx512_bf16", 4), ("amx", 4), ("amx", 1)]
+PATHS = [("generic", 4), ("avx2", 4), ("avx512_bf16", 4), ("avx512_vnni", 4), ("amx", 4), ("amx", 1)]
 SHAPES = [(96, 64, 5, 2), (128, 192, 8, 4)]  # hidden, intermediate, experts, top-k
 TOKENS = (1, 3, 17, 64, 200)
 
@@ -199,6 +199,40 @@ def test_out_argument_and_edge_cases(layers_by_shape):
         native_cpu.moe_experts(x, weights, torch.full_like(ids, e), packed, 1.702, 7.0)
     with pytest.raises(ValueError):
         native_cpu.moe_experts(torch.randn(2, h + 32), weights[:2], ids[:2], packed, 1.702, 7.0)
+
+
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512_vnni"])
+def test_bf16_activations_of_any_range(layers_by_shape, isa):
+    """Blocks of 32 activations spanning 2^20 (the int8 path quantizes per block to the
+    block's largest value), all-zero blocks and a token carrying inf or NaN: bf16 accuracy
+    where the values are finite, and the non-finite token alone non-finite, as in the
+    reference."""
+    if not _runnable(isa):
+        pytest.skip(f"this CPU runs at most {native_cpu.isa()}")
+    h, i, e, k = SHAPES[1]
+    experts, packed = layers_by_shape[h, i]
+    config = ModelConfig(hidden_size=h, intermediate_size=i, num_experts=e, experts_per_token=k)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(9, h, generator=g) * torch.exp2(torch.randint(-10, 11, (9, h), generator=g).float())
+    x[1, :64] = 0.0  # two whole blocks of zeros
+    x[2] = 0.0  # a token of zeros (its output is the biases' path alone)
+    x = x.to(torch.bfloat16)
+    weights, ids = skewed_routing(9, e, k, seed=4)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return native_cpu.moe_experts(
+            x, weights, ids, packed, config.swiglu_alpha, config.swiglu_limit, isa=isa
+        )
+
+    best = exact(x, weights, ids, experts, config)
+    assert row_error(run(x), best) < 2**-7
+    for value in (float("inf"), float("-inf"), float("nan")):
+        bad = x.clone()
+        bad[5, 7] = value
+        got, ref = run(bad), reference(bad, weights, ids, experts, config)
+        assert not torch.isfinite(got[5]).all() and not torch.isfinite(ref[5]).all(), value
+        others = [r for r in range(9) if r != 5]
+        assert torch.equal(got[others], run(x)[others])
 
 
 def test_scales_outside_the_amx_range_fall_back_exactly():

@@ -15,7 +15,8 @@ API:
   to ``~/.cache/gptoss-server/kernels/<key>`` (``GPTOSS_KERNEL_CACHE`` overrides the root;
   the key hashes the sources, torch's and Python's versions and the architecture) and later
   processes load the built library without a compiler.
-- ``isa() -> str``: the best path this CPU runs: ``amx``, ``avx512_bf16``, ``avx2``, ``generic``
+- ``isa() -> str``: the best path this CPU runs: ``amx``, ``avx512_vnni``, ``avx512_bf16``, ``avx2``,
+  ``generic``
   (chosen at run time from CPUID; ``GPTOSS_NATIVE_MOE_ISA`` caps it).
 - ``PackedExperts.from_expert_weights(experts)``: one layer's packed experts re-laid out once
   (16 output rows interleaved per byte column; same size as the checkpoint's tensors).
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 # The paths, slowest first; the C++ side numbers them the same way.
-ISAS: tuple[str, ...] = ("generic", "avx2", "avx512_bf16", "amx")
+ISAS: tuple[str, ...] = ("generic", "avx2", "avx512_bf16", "avx512_vnni", "amx")
 # Below this many rows (tokens, times 3 for fp32) per expert, AMX tiles do not pay for their
 # setup and the AVX-512 BF16 dot-product path runs instead (measured: bench/moe_kernel.py).
 AMX_MIN_ROWS = 4

@@ -18,8 +18,12 @@
 //   0 generic      portable C++ (fp32 multiply-add on dequantized 32x16 blocks)
 //   1 avx2         the same source compiled for AVX2+FMA
 //   2 avx512_bf16  nibbles -> bf16 through a VPERMW table, VDPBF16PS, per-block fp32 scale
-//   3 amx          AMX-BF16 tiles for experts with many rows (scales folded into the bf16
-//                  exponent, valid when every scale byte is in [2, 252]); avx512_bf16 below
+//   3 avx512_vnni  bf16 activations only (fp32 stays on avx512_bf16): activations as two
+//                  int8 digits per 32-block, nibbles -> int8 through a VPSHUFB table, VPDPBUSD
+//                  (llama.cpp's MXFP4 x Q8_0 dot product, plus a second digit for bf16
+//                  accuracy); a third of the instructions per weight byte
+//   4 amx          AMX-BF16 tiles for experts with many rows (scales folded into the bf16
+//                  exponent, valid when every scale byte is in [2, 252]); avx512_vnni below
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 #include <chrono>
 #include <cstdio>
@@ -55,7 +60,7 @@ constexpr int kBlock = 32;        // values per MXFP4 block
 constexpr int kGroupBytes = 256;  // one block of one row group: 16 byte columns x 16 rows
 constexpr int kMaxTokensPerChunk = 1024;
 
-enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAmx = 3 };
+enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAvx512Vnni = 3, kAmx = 4 };
 
 // Splits x exactly into `ns` bf16 values (ns = 1: rounded; ns = 3: hi + mid + lo == x, each
 // part the truncation of what is left, so every part is exact in bf16).
@@ -199,6 +204,167 @@ GPTOSS_T512 void tile(const uint8_t* W, const uint8_t* S, int G, const uint16_t*
 }
 
 }  // namespace k512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni,avx512vbmi")
+#define GPTOSS_TVNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni,avx512vbmi")))
+
+// The int8 path. FP4 E2M1 times 2 is an integer in [-12, 12]; VPDPBUSD multiplies unsigned by
+// signed bytes, so the table holds 2 * fp4 + 12 in [0, 24] and the activations stay signed:
+//   sum_k (2 w_k + 12) a_k = 2 * sum_k w_k a_k + 12 * sum_k a_k,
+// where the second sum depends on the activations alone (computed once, at quantizing).
+// Activations, per row and 32-block: u = x * 127 / max|x|, a1 = round(u), a2 = round(128 (u -
+// a1)), so x = d (a1 + a2 / 128) with d = max|x| / 127, to 2^-15 of the block's largest value:
+// finer than bf16's own rounding (2^-9 of each value). llama.cpp stops at a1 (Q8_0); that alone
+// measured 3x the reference's error against float64 here, with a2 it is below the reference's.
+// A block's dot product is then d / 256 * 2^(s-127) * (128 * S1 + S2 - corr), S1 and S2 the
+// VPDPBUSD sums against a1 and a2, corr = 12 * (128 sum a1 + sum a2); every integer is exact
+// and |128 S1 + S2 - corr| < 2^24, so its conversion to fp32 is too.
+namespace kvnni {
+
+alignas(64) const int8_t kFp4x2Plus12[64] = {
+#define GPTOSS_FP4_U8 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
+    GPTOSS_FP4_U8, GPTOSS_FP4_U8, GPTOSS_FP4_U8, GPTOSS_FP4_U8
+#undef GPTOSS_FP4_U8
+};
+
+// One 64-byte load of a block is byte columns 4c..4c+3 of 16 rows (column-major, see the
+// layout above). VPERMB makes dword lane n hold row n's four bytes; their low nibbles are the
+// row's weights 8c + 2i and their high nibbles 8c + 2i + 1 (i = 0..3). A quantized activation
+// block is stored in that order: position 8c + 4h + i holds element 8c + 2i + h.
+struct Transpose {
+  alignas(64) uint8_t index[64];
+  constexpr Transpose() : index{} {
+    for (int n = 0; n < 16; ++n)
+      for (int i = 0; i < 4; ++i) index[4 * n + i] = static_cast<uint8_t>(16 * i + n);
+  }
+};
+constexpr Transpose kTranspose{};
+
+struct ActOrder {
+  alignas(32) uint8_t index[32];
+  constexpr ActOrder() : index{} {
+    for (int p = 0; p < 32; ++p) index[p] = static_cast<uint8_t>(8 * (p / 8) + 2 * (p % 4) + (p % 8) / 4);
+  }
+};
+constexpr ActOrder kActOrder{};
+
+// Bytes per quantized block: a1's 32 then a2's 32 (one cache line).
+constexpr int kQBlock = 2 * kBlock;
+
+// K bf16 values (K a multiple of 32) -> K / 32 blocks of kQBlock bytes, and per block the
+// scale d / 256 (the 1/2 undoes the table's doubling) and corr.
+GPTOSS_TVNNI void quantize_row(const uint16_t* src, int64_t K, int8_t* q, float* d, int32_t* corr) {
+  const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kActOrder.index));
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 fine = _mm512_set1_ps(128.0f);
+  for (int64_t g = 0; g < K / kBlock; ++g) {
+    const uint16_t* s = src + g * kBlock;
+    const __m512 lo = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s))), 16));
+    const __m512 hi = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 16))), 16));
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
+    // (VMAXPS drops a NaN operand, so NaNs are looked for apart.)
+    const bool finite = std::isfinite(amax) && !(_mm512_cmp_ps_mask(lo, lo, _CMP_UNORD_Q) |
+                                                 _mm512_cmp_ps_mask(hi, hi, _CMP_UNORD_Q));
+    const float inv = amax > 0.0f && finite ? 127.0f / amax : 0.0f;
+    const __m512 ulo = _mm512_mul_ps(lo, _mm512_set1_ps(inv)), uhi = _mm512_mul_ps(hi, _mm512_set1_ps(inv));
+    const __m512i a1lo = _mm512_cvtps_epi32(ulo), a1hi = _mm512_cvtps_epi32(uhi);  // to nearest
+    const __m512i a2lo = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(ulo, _mm512_cvtepi32_ps(a1lo)), fine));
+    const __m512i a2hi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(uhi, _mm512_cvtepi32_ps(a1hi)), fine));
+    auto store = [&](__m512i l, __m512i h, int8_t* dst) {
+      const __m256i bytes =
+          _mm256_inserti128_si256(_mm256_castsi128_si256(_mm512_cvtsepi32_epi8(l)), _mm512_cvtsepi32_epi8(h), 1);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_permutexvar_epi8(order, bytes));
+    };
+    int8_t* qg = q + g * kQBlock;
+    store(a1lo, a1hi, qg);
+    store(a2lo, a2hi, qg + kBlock);
+    const int32_t sum1 = _mm512_reduce_add_epi32(_mm512_add_epi32(a1lo, a1hi));
+    const int32_t sum2 = _mm512_reduce_add_epi32(_mm512_add_epi32(a2lo, a2hi));
+    corr[g] = 12 * (128 * sum1 + sum2);
+    // A block holding inf or NaN gets a NaN scale, so the result says so rather than 0.
+    d[g] = finite ? amax / 127.0f / 256.0f : std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// acc += VPDPBUSD(w, four bytes at a broadcast): the broadcast folded into the instruction
+// ({1to16}), which compilers do not do by themselves, saves a shuffle per product.
+GPTOSS_TVNNI __attribute__((always_inline)) inline void dpbusd_broadcast(__m512i& acc, __m512i w, const int8_t* a) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(a)));
+}
+
+// NT quantized rows (row stride lda bytes; D and Corr ldg per row) against one row group: the
+// int8 twin of k512::dp_rows.
+template <int NT>
+GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W, const uint8_t* S, int G,
+                                                                 const int8_t* A, const float* D, const int32_t* Corr,
+                                                                 int64_t lda, int64_t ldg, float* C) {
+  const __m512i table = _mm512_load_si512(kFp4x2Plus12);
+  const __m512i transpose = _mm512_load_si512(kTranspose.index);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512 tiny = _mm512_set1_ps(0x1p-127f);
+  __m512 acc[NT];
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
+  for (int g = 0; g < G; ++g) {
+    const uint8_t* wg = W + static_cast<int64_t>(g) * kGroupBytes;
+    __m512i s1[NT], s2[NT];
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) s1[t] = s2[t] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_permutexvar_epi8(transpose, _mm512_loadu_si512(wg + 64 * c));
+      const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(v, nibble));
+      const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble));
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        const int8_t* a = A + t * lda + static_cast<int64_t>(g) * kQBlock + 8 * c;
+        dpbusd_broadcast(s1[t], lo, a);
+        dpbusd_broadcast(s1[t], hi, a + 4);
+        dpbusd_broadcast(s2[t], lo, a + kBlock);
+        dpbusd_broadcast(s2[t], hi, a + kBlock + 4);
+      }
+    }
+    const __m512i sb =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + g * kRows)));
+    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 23));  // 2^(s-127); 255 -> inf
+    scale = _mm512_mask_mov_ps(scale, _mm512_testn_epi32_mask(sb, sb), tiny);
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) {
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(s1[t], 7), s2[t]),
+                                           _mm512_set1_epi32(Corr[t * ldg + g]));
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(D[t * ldg + g])), scale,
+                               acc[t]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) _mm512_storeu_ps(C + t * kRows, acc[t]);
+}
+
+GPTOSS_TVNNI void tile(const uint8_t* W, const uint8_t* S, int G, const int8_t* A, const float* D,
+                       const int32_t* Corr, int64_t lda, int64_t ldg, int R, float* C) {
+  int r = 0;
+  for (; R - r >= 8; r += 8) dq_rows<8>(W, S, G, A + r * lda, D + r * ldg, Corr + r * ldg, lda, ldg, C + r * kRows);
+  const int8_t* a = A + r * lda;
+  const float* d = D + r * ldg;
+  const int32_t* k = Corr + r * ldg;
+  float* c = C + r * kRows;
+  switch (R - r) {
+    case 1: dq_rows<1>(W, S, G, a, d, k, lda, ldg, c); break;
+    case 2: dq_rows<2>(W, S, G, a, d, k, lda, ldg, c); break;
+    case 3: dq_rows<3>(W, S, G, a, d, k, lda, ldg, c); break;
+    case 4: dq_rows<4>(W, S, G, a, d, k, lda, ldg, c); break;
+    case 5: dq_rows<5>(W, S, G, a, d, k, lda, ldg, c); break;
+    case 6: dq_rows<6>(W, S, G, a, d, k, lda, ldg, c); break;
+    case 7: dq_rows<7>(W, S, G, a, d, k, lda, ldg, c); break;
+    default: break;
+  }
+}
+
+}  // namespace kvnni
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -355,11 +521,13 @@ int64_t detect_isa() {
   unsigned a1 = 0, b1 = 0, c1 = 0, d1 = 0;
   __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1);
   const bool bf16 = a1 & (1u << 5);
+  const bool vnni = (c & (1u << 11)) && (c & (1u << 1));  // AVX512-VNNI, AVX512-VBMI
   if (!(avx2 && fma && os_avx())) return kGeneric;
   if (!(avx512 && bf16 && os_avx512())) return kAvx2;
-  if (!amx) return kAvx512Bf16;
+  if (!vnni) return kAvx512Bf16;
+  if (!amx) return kAvx512Vnni;
   // Linux hands out the AMX tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA).
-  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return kAvx512Bf16;
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return kAvx512Vnni;
   return kAmx;
 }
 
@@ -377,29 +545,74 @@ int64_t cpu_isa() {
 #endif
 }
 
+// The int8 path's activations: per row, K / 32 blocks of kvnni::kQBlock bytes, and per row and
+// block the scale and the table's offset correction (kvnni::quantize_row).
+struct Quantized {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> corr;
+  int64_t row_bytes = 0, blocks = 0;
+  void resize(int64_t rows, int64_t k) {
+    blocks = k / kBlock;
+    row_bytes = blocks * 2 * kBlock;
+    q.resize(static_cast<size_t>(rows * row_bytes));
+    d.resize(static_cast<size_t>(rows * blocks));
+    corr.resize(static_cast<size_t>(rows * blocks));
+  }
+};
+
+// Quantizes rows [0, rows) of a bf16 [rows, K] matrix into `out` (int8 path only).
+void quantize_rows(const uint16_t* src, int64_t rows, int64_t K, Quantized& out) {
+  out.resize(rows, K);
+#if GPTOSS_X86
+  at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      kvnni::quantize_row(src + r * K, K, out.q.data() + r * out.row_bytes, out.d.data() + r * out.blocks,
+                          out.corr.data() + r * out.blocks);
+  });
+#else
+  (void)src;
+  TORCH_CHECK(false, "the int8 path needs x86");
+#endif
+}
+
+// `quant` (rows of the int8 path, from the same first row as A) is used when given and the
+// expert does not go to AMX.
 void run_tile(int64_t isa, bool use_amx, const uint8_t* W, const uint8_t* S, int G, const uint16_t* A,
-              int64_t lda, int R, float* C) {
+              int64_t lda, int R, float* C, const Quantized* quant = nullptr, int64_t row0 = 0) {
 #if GPTOSS_X86
   if (use_amx) return kamx::tile(W, S, G, A, lda, R, C);
+  if (quant != nullptr) {
+    const int64_t ldq = quant->row_bytes, ldg = quant->blocks;
+    return kvnni::tile(W, S, G, quant->q.data() + row0 * ldq, quant->d.data() + row0 * ldg,
+                       quant->corr.data() + row0 * ldg, ldq, ldg, R, C);
+  }
   if (isa >= kAvx512Bf16) return k512::tile(W, S, G, A, lda, R, C);
   if (isa >= kAvx2) return avx2::tile(W, S, G, A, lda, R, C);
 #endif
   (void)use_amx;
   (void)isa;
+  (void)quant;
+  (void)row0;
   generic::tile(W, S, G, A, lda, R, C);
 }
 
-// Runs f(item, worker) for every item, each thread taking the next item as it finishes one
-// (items differ in cost: an expert with 20 rows against one with 1).
+// Runs f(item, worker) for every item. A thread takes the next run of consecutive items as it
+// finishes one: items differ in cost (an expert with 20 rows against one with 1), and
+// consecutive items are adjacent row groups in memory, so a thread streaming a long run keeps
+// the hardware prefetcher trained. Handing out single items instead, the two threads
+// alternated and a batch-1 step read 26 GB/s of this machine's 35 (bench/moe_kernel.py).
+constexpr int64_t kRunsPerWorker = 4;
 template <class F>
 void run_items(int64_t n, int64_t workers, const F& f) {
   if (n <= 0) return;
   std::atomic<int64_t> next{0};
+  const int64_t step = std::max<int64_t>(1, n / (workers * kRunsPerWorker));
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
-           i = next.fetch_add(1, std::memory_order_relaxed))
-        f(i, w);
+      for (int64_t i = next.fetch_add(step, std::memory_order_relaxed); i < n;
+           i = next.fetch_add(step, std::memory_order_relaxed))
+        for (int64_t j = i; j < std::min(n, i + step); ++j) f(j, w);
     }
   });
 }
@@ -476,6 +689,10 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
   });
 
   auto tile_for = [&](int64_t n_rows) { return pb.isa >= kAmx && pb.amx_ok && n_rows >= pb.amx_min_rows; };
+  // bf16 activations go through int8 where the CPU has VNNI; fp32 keeps its exact bf16 split.
+  const bool int8 = pb.isa >= kAvx512Vnni && ns == 1;
+  Quantized xq, aq;
+  if (int8) quantize_rows(xg, rows, H, xq);
   const float limit = static_cast<float>(pb.limit), alpha = static_cast<float>(pb.alpha);
 
   double tp1 = now();
@@ -487,7 +704,8 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
     float* C = cbuf.data() + w * max_rows * kRows;
     const int64_t off = e * nrg1 + rg;
     run_tile(pb.isa, tile_for(R), pb.w1 + off * pb.G1 * kGroupBytes, pb.s1 + off * pb.G1 * kRows,
-             static_cast<int>(pb.G1), xg + start[e] * ns * H, H, static_cast<int>(R), C);
+             static_cast<int>(pb.G1), xg + start[e] * ns * H, H, static_cast<int>(R), C, int8 ? &xq : nullptr,
+             start[e] * ns);
     const float* bias = pb.b1 + e * R1 + rg * kRows;
     for (int64_t j = 0; j < n; ++j) {
       float h[kRows];
@@ -506,6 +724,7 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
     }
   });
 
+  if (int8) quantize_rows(ag, rows, I, aq);
   double tp2 = now();
   // mlp2: one item = one expert's 16 rows of [H].
   const int64_t nrg2 = H / kRows;
@@ -515,7 +734,8 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
     float* C = cbuf.data() + w * max_rows * kRows;
     const int64_t off = e * nrg2 + rg;
     run_tile(pb.isa, tile_for(R), pb.w2 + off * pb.G2 * kGroupBytes, pb.s2 + off * pb.G2 * kRows,
-             static_cast<int>(pb.G2), ag + start[e] * ns * I, I, static_cast<int>(R), C);
+             static_cast<int>(pb.G2), ag + start[e] * ns * I, I, static_cast<int>(R), C, int8 ? &aq : nullptr,
+             start[e] * ns);
     const float* bias = pb.b2 + e * H + rg * kRows;
     for (int64_t j = 0; j < n; ++j) {
       float* dst = o + (start[e] + j) * H + rg * kRows;
