@@ -13,6 +13,8 @@ its plain tensors, which stay the tested reference.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 # The row count oneDNN tunes the packed layout for (the layout serves any row count).
@@ -24,6 +26,16 @@ BATCH_HINT = 8
 # kernel at 4 rows (AMX) may round a logit differently, within bf16's rounding, as batching
 # the rows would (tests/test_model_moe.py).
 HEAD_MIN_ROWS = 4
+
+
+class PackedLinear(Protocol):
+    """A weight [out, in] held in the layout some kernel reads (built once at load), called
+    as ``F.linear(x, weight, bias)``: ``PrepackedLinear`` here, or a backend's own (the native
+    CPU backend's ``InterleavedLinear``). ``weight`` is the tensor held (memory accounting)."""
+
+    weight: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def prepack_available(device: torch.device, dtype: torch.dtype) -> bool:

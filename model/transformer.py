@@ -13,7 +13,7 @@ from .kernels import Kernels, ReferenceKernels
 from .kv_cache import KVCache
 from .layers import ExpertWeights, YarnRope, route
 from .paged_attention import build_plan
-from .prepacked import PrepackedLinear
+from .prepacked import PackedLinear
 
 
 @dataclass
@@ -36,7 +36,10 @@ class ModelWeights:
     layers: list[LayerWeights]
     norm: torch.Tensor  # [H] fp32
     unembedding: torch.Tensor  # [V, H]
-    unembedding_prepacked: PrepackedLinear | None = None  # CPU bf16 fast path (reference kernels)
+    # The unembedding as the kernels read it, when they keep a copy of their own (built once by
+    # ``kernels.prepare_lm_head``): oneDNN's layout for the reference on CPU bf16, or the native
+    # backend's.
+    unembedding_prepacked: PackedLinear | None = None
 
 
 class GptOssModel(torch.nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from ..layers import ExpertWeights
 from ..paged_attention import AttentionPlan, DecodeGroup, attend_decode_group, paged_attention
 from .reference import ReferenceKernels
 from .select import NATIVE_CPU
+
+if TYPE_CHECKING:
+    from ..transformer import ModelWeights
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
 # Where paged_decode_attention beats the reference's gather + matmuls (bench/attention_kernel.py,
@@ -31,9 +34,12 @@ NATIVE_ATTENTION_DTYPES = (torch.float32,)
 NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows the attention projections run in linear_bf16 (bench/linear_kernel.py,
 # AMD EPYC, 2026-12-03: 1.3-2.3x F.linear at 1-4 rows, which reorders the weight every call;
-# from 16 rows on oneDNN wins). The LM head stays on the reference's prepacked oneDNN weight:
-# it beat linear_bf16 (and its fused argmax) at every row count but 1 on the 20b.
+# from 16 rows on oneDNN wins).
 NATIVE_LINEAR_MAX_ROWS = 4
+# The LM head is laid out once for linear_interleaved instead of oneDNN's prepack (one copy
+# either way): on the AMD EPYC, 2026-12-07, it ran the small preset's [201088, 640] head in 7.9
+# ms at 1 row against oneDNN's 10.2, and at 4, 16 and 64 rows 0.93, 0.89 and 0.95 of oneDNN's
+# time; the 20b's [201088, 2880] in 0.79-0.90 of it at 1-16 rows (bench/linear_kernel.py).
 
 
 @dataclass
@@ -80,6 +86,19 @@ class NativeCpuKernels(ReferenceKernels):
         return self.native_cpu.moe_experts(
             x, routing_weights, expert_ids, experts.native, config.swiglu_alpha, config.swiglu_limit, out=out
         )
+
+    def prepare_lm_head(self, weights: ModelWeights) -> None:
+        w = weights.unembedding
+        if self.bf16_dot and w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0:
+            weights.unembedding_prepacked = self.native_cpu.InterleavedLinear(w)
+            return
+        super().prepare_lm_head(weights)
+
+    def lm_head_argmax(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
+        head = weights.unembedding_prepacked
+        if isinstance(head, self.native_cpu.InterleavedLinear) and x.dtype == torch.bfloat16:
+            return self.native_cpu.linear_interleaved(x, head, argmax=True)  # no logits written
+        return super().lm_head_argmax(x, weights)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bf16_dot and logits.dtype in NATIVE_DTYPES and logits.device.type == "cpu":

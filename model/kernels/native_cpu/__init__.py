@@ -28,6 +28,9 @@ API:
 - ``linear_bf16(x, weight, bias=None, out=None, *, argmax=False)``: x @ weight.T + bias in bf16
   with fp32 accumulation, or with ``argmax`` the greedy token of every row without writing
   the product (``linear.cpp``).
+- ``InterleavedLinear(weight)`` and ``linear_interleaved(x, packed, bias=None, out=None, *,
+  argmax=False)``: the same product over a copy laid out once for it (16 outputs interleaved
+  per bf16 pair), at any row count (``linear.cpp``); the LM head's layout.
 - ``argmax_rows(logits) -> Tensor``: ``logits.argmax(-1)`` vectorised, fp32 or bf16.
 - ``rms_norm(x, scale, eps, out=None)`` and ``rope(x, cos, sin, out=None)``: RMSNorm and the
   RoPE rotation in one pass each, fp32 or bf16, any ISA (``norm_rope.cpp``).
@@ -51,6 +54,7 @@ from .packed_experts import PackedExperts
 
 __all__ = [
     "ISAS",
+    "InterleavedLinear",
     "PackedExperts",
     "argmax_rows",
     "available",
@@ -60,6 +64,7 @@ __all__ = [
     "is_built",
     "isa",
     "linear_bf16",
+    "linear_interleaved",
     "moe_experts",
     "paged_decode_attention",
     "rms_norm",
@@ -329,6 +334,57 @@ def linear_bf16(
     if out is None:
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16, device=x.device)
     torch.ops.gptoss_native.linear_bf16(x, weight, b, out, None)
+    return out
+
+
+class InterleavedLinear:
+    """A bf16 weight [O, H] re-laid out once for ``linear_interleaved``: [ceil(O / 16), H / 2, 16,
+    2], a bf16 pair of 16 consecutive outputs per 64 bytes (rows past O zero). Same size as
+    the weight, give or take 15 rows. ``weight`` is that tensor (for memory accounting);
+    calling it is ``linear_interleaved`` (a ``model.prepacked.PackedLinear``)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.shape[1] % 2:
+            raise ValueError(
+                f"need a bf16 [O, H] weight with H even, got {weight.dtype} {tuple(weight.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        groups = -(-self.out_features // 16)
+        padded = torch.zeros(groups * 16, self.in_features, dtype=weight.dtype, device=weight.device)
+        padded[: self.out_features] = weight
+        self.weight = padded.view(groups, 16, self.in_features // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_interleaved(x, self, bias)
+
+
+def linear_interleaved(
+    x: torch.Tensor,
+    weight: InterleavedLinear,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    argmax: bool = False,
+) -> torch.Tensor:
+    """``linear_bf16`` over an ``InterleavedLinear``: the same maths (fp32 accumulation, one
+    rounding to bf16) and the same ``out`` / ``argmax`` contract, for any number of rows; the
+    weight streams once per call whatever the rows. Raises RuntimeError without AVX-512 BF16."""
+    if not bf16_dot_available():
+        raise RuntimeError("linear_interleaved needs the native kernels with AVX-512 BF16")
+    x = x.contiguous()
+    b = None if bias is None else bias.to(torch.float32).contiguous()
+    o = weight.out_features
+    if argmax:
+        ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+        torch.ops.gptoss_native.linear_interleaved(x, weight.weight, o, b, None, ids)
+        return ids
+    if out is None:
+        out = torch.empty(x.shape[0], o, dtype=torch.bfloat16, device=x.device)
+    torch.ops.gptoss_native.linear_interleaved(x, weight.weight, o, b, out, None)
     return out
 
 

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -150,6 +151,149 @@ GPTOSS_LT512 void linear_range(const uint16_t* W, const uint16_t* X, const float
   }
 }
 
+// linear_interleaved's weight: P[g][k][r][2] = W[16 g + r][2 k + {0, 1}], rows past O zero
+// (packed once at load by native_cpu.InterleavedLinear). One 64-byte load is a bf16 pair of 16
+// output rows, which VDPBF16PS multiplies by one broadcast pair of x: a lane accumulates one
+// output, so no horizontal sums, and a group's weights (32 H bytes) stay in L1/L2 while every
+// row of x passes over them, read from memory once per call.
+
+// acc += pairs(w) . broadcast(pair at x), the broadcast folded into the instruction.
+GPTOSS_LT512 GPTOSS_INLINE void dpbf16_broadcast(__m512& acc, __m512i w, const uint16_t* x) {
+  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
+}
+
+// One or two rows of x against one group of 16 outputs; CH partial sums per row hide the
+// VDPBF16PS latency.
+template <int NB>
+GPTOSS_LT512 GPTOSS_INLINE void group_rows(const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
+                                           __m512* acc) {
+  constexpr int CH = NB == 1 ? 4 : 2;
+  __m512 part[NB][CH];
+  for (int n = 0; n < NB; ++n)
+    for (int c = 0; c < CH; ++c) part[n][c] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + CH <= K2; k += CH)
+    for (int c = 0; c < CH; ++c) {
+      const __m512i w = _mm512_loadu_si512(P + (k + c) * 32);
+      for (int n = 0; n < NB; ++n) dpbf16_broadcast(part[n][c], w, x + n * ldx + 2 * (k + c));
+    }
+  for (; k < K2; ++k) {
+    const __m512i w = _mm512_loadu_si512(P + k * 32);
+    for (int n = 0; n < NB; ++n) dpbf16_broadcast(part[n][0], w, x + n * ldx + 2 * k);
+  }
+  for (int n = 0; n < NB; ++n) {
+    __m512 sum = part[n][0];
+    for (int c = 1; c < CH; ++c) sum = _mm512_add_ps(sum, part[n][c]);
+    acc[n] = sum;
+  }
+}
+
+
+// Groups [g0, g1) of outputs for every row of x: into y (bf16 [N, O]) or best[N].
+// Three rows of x or more: the product is compute-bound, so a register tile of NR rows x NG
+// groups (NR * NG accumulators) shares each x broadcast across NG groups and each weight load
+// across NR rows, as a GEMM microkernel does.
+template <int NR, int NG>
+GPTOSS_LT512 GPTOSS_INLINE void tile_rows(const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
+                                          __m512 (*acc)[4]) {
+  __m512 a[NR][NG];
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NG; ++j) a[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    __m512i w[NG];
+    for (int j = 0; j < NG; ++j) w[j] = _mm512_loadu_si512(P + (j * K2 + k) * 32);
+    for (int r = 0; r < NR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * k, 4);
+      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NG; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], (__m512bh)w[j], xb);
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int j = 0; j < NG; ++j) acc[r][j] = a[r][j];
+}
+
+template <int NG>
+GPTOSS_LT512 void tile_dispatch(int nr, const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
+                                __m512 (*acc)[4]) {
+  switch (nr) {
+    case 6: tile_rows<6, NG>(P, K2, x, ldx, acc); break;
+    case 5: tile_rows<5, NG>(P, K2, x, ldx, acc); break;
+    case 4: tile_rows<4, NG>(P, K2, x, ldx, acc); break;
+    case 3: tile_rows<3, NG>(P, K2, x, ldx, acc); break;
+    case 2: tile_rows<2, NG>(P, K2, x, ldx, acc); break;
+    default: tile_rows<1, NG>(P, K2, x, ldx, acc); break;
+  }
+}
+
+// Groups [g0, g1) of outputs for every row of x: into y (bf16 [N, O]) or best[N].
+GPTOSS_LT512 void interleaved_range(const uint16_t* P, const uint16_t* X, const float* bias, int64_t N, int64_t H,
+                                    int64_t O, int64_t g0, int64_t g1, uint16_t* y, Best* best) {
+  const int64_t K2 = H / 2;
+  // The argmax, lane by lane: each lane keeps its first maximum (indices rise within a lane),
+  // NaN above every number; the lanes meet in Best at the end. Index -1: nothing yet.
+  const int64_t lanes = best ? N : 0;
+  std::vector<float> lane_value(lanes * 16, -std::numeric_limits<float>::infinity());
+  std::vector<int32_t> lane_index(lanes * 16, -1);
+  const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  // Row n of x against group g: bias, one rounding to bf16, then stored or offered.
+  auto emit = [&](int64_t n, int64_t g, __m512 acc) {
+    const int64_t o = g * 16;
+    const __mmask16 valid = O - o >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (O - o)) - 1);
+    if (bias) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(valid, bias + o));
+    const __m256i r = (__m256i)_mm512_cvtneps_pbh(acc);
+    if (y) {
+      _mm256_mask_storeu_epi16(y + n * O + o, valid, r);
+      return;
+    }
+    float* bv = lane_value.data() + n * 16;
+    int32_t* bi = lane_index.data() + n * 16;
+    const __m512 value = _mm512_loadu_ps(bv);
+    const __m512i index = _mm512_loadu_si512(bi);
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(r), 16));
+    const __mmask16 v_nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __mmask16 b_nan = _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q);
+    const __mmask16 empty = _mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(-1));
+    const __mmask16 take =
+        valid & (empty | _mm512_cmp_ps_mask(v, value, _CMP_GT_OQ) | (v_nan & static_cast<__mmask16>(~b_nan)));
+    _mm512_storeu_ps(bv, _mm512_mask_mov_ps(value, take, v));
+    _mm512_storeu_si512(bi, _mm512_mask_add_epi32(index, take, lane_ids, _mm512_set1_epi32(static_cast<int32_t>(o))));
+  };
+  if (N <= 2) {  // memory-bound: one group at a time, the weight read in address order
+    for (int64_t g = g0; g < g1; ++g) {
+      __m512 acc[2];
+      if (N == 2)
+        group_rows<2>(P + g * K2 * 32, K2, X, H, acc);
+      else
+        group_rows<1>(P + g * K2 * 32, K2, X, H, acc);
+      for (int64_t n = 0; n < N; ++n) emit(n, g, acc[n]);
+    }
+  } else {
+    constexpr int kTileRows = 6, kTileGroups = 4;
+    for (int64_t g = g0; g < g1; g += kTileGroups) {
+      const int ng = static_cast<int>(std::min<int64_t>(kTileGroups, g1 - g));
+      for (int64_t n0 = 0; n0 < N; n0 += kTileRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kTileRows, N - n0));
+        __m512 acc[kTileRows][4];
+        for (int j = 0; j < ng; ++j) {  // the tile's groups, or the range's last few one by one
+          if (ng == kTileGroups) {
+            tile_dispatch<kTileGroups>(nr, P + g * K2 * 32, K2, X + n0 * H, H, acc);
+            break;
+          }
+          __m512 one[kTileRows][4];
+          tile_dispatch<1>(nr, P + (g + j) * K2 * 32, K2, X + n0 * H, H, one);
+          for (int r = 0; r < nr; ++r) acc[r][j] = one[r][0];
+        }
+        for (int r = 0; r < nr; ++r)
+          for (int j = 0; j < ng; ++j) emit(n0 + r, g + j, acc[r][j]);
+      }
+    }
+  }
+  for (int64_t n = 0; n < lanes; ++n)
+    for (int l = 0; l < 16; ++l)
+      if (lane_index[n * 16 + l] >= 0) best[n].offer(lane_value[n * 16 + l], lane_index[n * 16 + l]);
+}
+
 // First index of the maximum of v[0..V) (NaN counting as the maximum).
 template <typename T>
 GPTOSS_LT512 int64_t argmax_row(const T* v, int64_t V) {
@@ -189,53 +333,93 @@ void check_isa() {
               "linear_bf16 / argmax_rows need AVX-512 BF16");
 }
 
+// The checks and outputs both linear ops share: x bf16 [N, H], bias fp32 [O], exactly one of
+// out (bf16 [N, O]) and ids (int64 [N]).
+struct LinearCall {
+  int64_t N = 0, H = 0, O = 0;
+  const uint16_t* X = nullptr;
+  const float* bias = nullptr;
+  uint16_t* y = nullptr;
+  int64_t* ids = nullptr;
+
+  LinearCall(const at::Tensor& x, int64_t out_features, const c10::optional<at::Tensor>& b,
+             const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& idx) {
+    TORCH_CHECK(x.device().is_cpu(), "linear: CPU tensors only");
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous bf16 [N, H]");
+    N = x.size(0);
+    H = x.size(1);
+    O = out_features;
+    X = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    if (b && b->defined()) {
+      TORCH_CHECK(b->scalar_type() == at::kFloat && b->numel() == O && b->is_contiguous(), "bias must be contiguous fp32 [O]");
+      bias = b->data_ptr<float>();
+    }
+    const bool to_out = out && out->defined();
+    TORCH_CHECK(to_out != (idx && idx->defined()), "give exactly one of out and ids");
+    if (to_out) {
+      TORCH_CHECK(out->scalar_type() == at::kBFloat16 && out->is_contiguous() && out->dim() == 2 && out->size(0) == N &&
+                      out->size(1) == O,
+                  "out must be contiguous bf16 [N, O]");
+      y = reinterpret_cast<uint16_t*>(out->data_ptr());
+    } else {
+      TORCH_CHECK(idx->scalar_type() == at::kLong && idx->is_contiguous() && idx->numel() == N, "ids must be int64 [N]");
+      ids = idx->data_ptr<int64_t>();
+    }
+  }
+
+  // Runs range(begin, end, y, best) over [0, units) in parallel; with ids, merges the
+  // threads' argmaxes in torch's order.
+  template <class F>
+  void run(int64_t units, int64_t grain, const F& range) const {
+    if (N == 0 || O == 0) return;
+    if (y) {
+      at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) { range(begin, end, y, nullptr); });
+      return;
+    }
+    std::vector<Best> best(N);
+    std::mutex merge;
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      std::vector<Best> mine(N);
+      range(begin, end, nullptr, mine.data());
+      std::lock_guard<std::mutex> hold(merge);
+      for (int64_t n = 0; n < N; ++n) best[n].offer(mine[n].value, mine[n].index);
+    });
+    for (int64_t n = 0; n < N; ++n) ids[n] = best[n].index;
+  }
+};
+
 void linear_bf16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                  const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& ids) {
   check_isa();
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "linear_bf16: CPU tensors only");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous bf16 [N, H]");
-  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous() &&
-                  weight.size(1) == x.size(1),
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 &&
+                  weight.is_contiguous() && weight.size(1) == x.size(1),
               "weight must be contiguous bf16 [O, H]");
-  const int64_t N = x.size(0), H = x.size(1), O = weight.size(0);
-  const float* b = nullptr;
-  if (bias && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == O && bias->is_contiguous(),
-                "bias must be contiguous fp32 [O]");
-    b = bias->data_ptr<float>();
-  }
-  const bool to_out = out && out->defined();
-  TORCH_CHECK(to_out != (ids && ids->defined()), "give exactly one of out and ids");
-  uint16_t* y = nullptr;
-  int64_t* idx = nullptr;
-  if (to_out) {
-    TORCH_CHECK(out->scalar_type() == at::kBFloat16 && out->is_contiguous() && out->dim() == 2 && out->size(0) == N &&
-                    out->size(1) == O,
-                "out must be contiguous bf16 [N, O]");
-    y = reinterpret_cast<uint16_t*>(out->data_ptr());
-  } else {
-    TORCH_CHECK(ids->scalar_type() == at::kLong && ids->is_contiguous() && ids->numel() == N, "ids must be int64 [N]");
-    idx = ids->data_ptr<int64_t>();
-  }
-  if (N == 0 || O == 0) return;
+  const LinearCall call(x, weight.size(0), bias, out, ids);
 #if GPTOSS_LINEAR_X86
   const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-  const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  std::vector<Best> best(to_out ? 0 : N);
-  std::mutex merge;
   // Chunks of whole 4-row blocks; at least 64 rows each so a thread's share is worth a wake-up.
-  at::parallel_for(0, (O + kOutBlock - 1) / kOutBlock, 16, [&](int64_t begin, int64_t end) {
-    const int64_t o0 = begin * kOutBlock, o1 = std::min(O, end * kOutBlock);
-    if (to_out) {
-      linear_range(W, X, b, N, H, O, o0, o1, y, nullptr);
-      return;
-    }
-    std::vector<Best> mine(N);
-    linear_range(W, X, b, N, H, O, o0, o1, nullptr, mine.data());
-    std::lock_guard<std::mutex> hold(merge);
-    for (int64_t n = 0; n < N; ++n) best[n].offer(mine[n].value, mine[n].index);
+  call.run((call.O + kOutBlock - 1) / kOutBlock, 16, [&](int64_t begin, int64_t end, uint16_t* y, Best* best) {
+    linear_range(W, call.X, call.bias, call.N, call.H, call.O, begin * kOutBlock, std::min(call.O, end * kOutBlock),
+                 y, best);
   });
-  for (int64_t n = 0; n < static_cast<int64_t>(best.size()); ++n) idx[n] = best[n].index;
+#endif
+}
+
+void linear_interleaved(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out,
+                        const c10::optional<at::Tensor>& ids) {
+  check_isa();
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kBFloat16 && packed.dim() == 4 &&
+                  packed.is_contiguous() && packed.size(0) == (out_features + 15) / 16 &&
+                  packed.size(1) * 2 == x.size(1) && packed.size(2) == 16 && packed.size(3) == 2,
+              "packed must be contiguous bf16 [ceil(O / 16), H / 2, 16, 2]");
+  const LinearCall call(x, out_features, bias, out, ids);
+#if GPTOSS_LINEAR_X86
+  const auto* P = reinterpret_cast<const uint16_t*>(packed.data_ptr());
+  // Whole groups of 16 outputs, contiguous per thread (the weight streams in address order).
+  call.run(packed.size(0), 4, [&](int64_t begin, int64_t end, uint16_t* y, Best* best) {
+    interleaved_range(P, call.X, call.bias, call.N, call.H, call.O, begin, end, y, best);
+  });
 #endif
 }
 
@@ -262,5 +446,9 @@ void argmax_rows(const at::Tensor& logits, at::Tensor& ids) {
 
 TORCH_LIBRARY_FRAGMENT(gptoss_native, m) {
   m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? out, Tensor(b!)? ids) -> ()", &linear_bf16);
+  m.def(
+      "linear_interleaved(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor(a!)? out, Tensor(b!)? ids) "
+      "-> ()",
+      &linear_interleaved);
   m.def("argmax_rows(Tensor logits, Tensor(a!) ids) -> ()", &argmax_rows);
 }
