@@ -19,10 +19,11 @@ from .prepacked import PackedLinear
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [H] fp32
-    qkv_weight: torch.Tensor  # [q + 2kv, H]: rows q, then k, then v
+    # The projections as loaded, or in a backend's own layout (``Kernels.prepare_linear``).
+    qkv_weight: torch.Tensor | PackedLinear  # [q + 2kv, H]: rows q, then k, then v
     qkv_bias: torch.Tensor
     sinks: torch.Tensor  # [heads] fp32
-    out_weight: torch.Tensor  # [H, q]
+    out_weight: torch.Tensor | PackedLinear  # [H, q]
     out_bias: torch.Tensor
     mlp_norm: torch.Tensor  # [H] fp32
     router_weight: torch.Tensor  # [E, H] fp32 (router math is fp32)
@@ -64,10 +65,14 @@ class GptOssModel(torch.nn.Module):
         loaded are no longer read (the backend copied them), so the loader can free them
         before the next layer's copy. The reference prepacks dense experts and the unembedding for oneDNN where
         that path exists (bf16 on the CPU; see model/prepacked.py): same results, faster
-        small-batch matmuls. (The attention projections are left plain: prepacking them saved
-        ~1% of a decode step and cost 1.3 GB more memory on the 20b.)"""
+        small-batch matmuls, and leaves the attention projections plain; the native CPU
+        backend lays the bf16 projections and unembedding out for its own kernel."""
         self.kernels.prepare_lm_head(self.weights)
         for i, layer in enumerate(self.weights.layers):
+            if isinstance(layer.qkv_weight, torch.Tensor):
+                layer.qkv_weight = self.kernels.prepare_linear(layer.qkv_weight)
+            if isinstance(layer.out_weight, torch.Tensor):
+                layer.out_weight = self.kernels.prepare_linear(layer.out_weight)
             before = layer.experts.mlp1_blocks
             layer.experts = self.kernels.prepare_experts(layer.experts, self.config)
             if released is not None and before is not None and layer.experts.mlp1_blocks is not before:
@@ -83,6 +88,9 @@ class GptOssModel(torch.nn.Module):
             tensors.append(w.unembedding_prepacked.weight)
         for layer in w.layers:
             tensors += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+            tensors += [
+                w.weight for w in (layer.qkv_weight, layer.out_weight) if not isinstance(w, torch.Tensor)
+            ]
             for held in vars(layer.experts).values():
                 if isinstance(held, torch.Tensor):
                     tensors.append(held)

@@ -188,17 +188,22 @@ def test_linear_and_lm_head_match_the_reference(reference_model, name, dtype):
     model = reference_model("3layers-6experts-top2-gqa3", dtype)
     w, layer = model.weights, model.weights.layers[0]
     ours, ref = backend(name, dtype), ReferenceKernels(CPU, dtype)
-    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    got, expected = (
-        ours.linear(x, layer.qkv_weight, layer.qkv_bias),
-        ref.linear(x, layer.qkv_weight, layer.qkv_bias),
-    )
-    assert max_relative_error(got.float(), expected.float()) <= TOLERANCE[dtype]
+    assert isinstance(layer.qkv_weight, torch.Tensor)
+    for rows in (1, 5, 40):  # decode, a small batch, a prefill chunk
+        x = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)).to(
+            dtype
+        )
+        expected = ref.linear(x, layer.qkv_weight, layer.qkv_bias)
+        # The weight as loaded, and as the backend lays it out for itself at load.
+        for weight in (layer.qkv_weight, ours.prepare_linear(layer.qkv_weight)):
+            got = ours.linear(x, weight, layer.qkv_bias)
+            assert got.dtype == dtype and got.shape == expected.shape
+            assert max_relative_error(got.float(), expected.float()) <= TOLERANCE[dtype]
     heads = [dataclasses.replace(w, unembedding_prepacked=None) for _ in range(2)]
     ours.prepare_lm_head(heads[0])
     ref.prepare_lm_head(heads[1])
     got, expected = ours.lm_head(x, heads[0]), ref.lm_head(x, heads[1])
-    assert got.dtype == dtype and got.shape == (5, VOCAB)
+    assert got.dtype == dtype and got.shape == (40, VOCAB)
     assert max_relative_error(got.float(), expected.float()) <= TOLERANCE[dtype]
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
     from ..layers import ExpertWeights
     from ..paged_attention import AttentionPlan
+    from ..prepacked import PackedLinear
     from ..transformer import ModelWeights
 
 
@@ -81,9 +82,17 @@ class Kernels(Protocol):
         sinks [H] fp32. Returns [T, H, D] in q's dtype (see ``paged_attention``)."""
         ...
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def prepare_linear(self, weight: torch.Tensor) -> torch.Tensor | PackedLinear:
+        """Once per attention projection at load: the weight [out, in] in the form ``linear``
+        reads (the reference keeps it as it is; a backend may hold a copy in its own layout
+        instead, and the loaded one is then no longer referenced)."""
+        ...
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor | PackedLinear, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         """x [T, in] @ weight [out, in].T + bias -> [T, out] in x's dtype (the attention
-        projections)."""
+        projections); ``weight`` as loaded or as ``prepare_linear`` returned it."""
         ...
 
     def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .reference import ReferenceKernels
 from .select import NATIVE_CPU
 
 if TYPE_CHECKING:
+    from ..prepacked import PackedLinear
     from ..transformer import ModelWeights
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
@@ -32,14 +33,16 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
 # 0.67-0.81x), so bf16 goes native only where the CPU has that path.
 NATIVE_ATTENTION_DTYPES = (torch.float32,)
 NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
-# Up to this many rows the attention projections run in linear_bf16 (bench/linear_kernel.py,
-# AMD EPYC, 2026-12-03: 1.3-2.3x F.linear at 1-4 rows, which reorders the weight every call;
-# from 16 rows on oneDNN wins).
+# Up to this many rows, attention projections the loader left plain (fp32 models, a backend
+# chosen after load) run in linear_bf16 (bench/linear_kernel.py, AMD EPYC, 2026-12-03: 1.3-2.3x
+# F.linear at 1-4 rows, which reorders the weight every call; from 16 rows on oneDNN wins).
 NATIVE_LINEAR_MAX_ROWS = 4
-# The LM head is laid out once for linear_interleaved instead of oneDNN's prepack (one copy
-# either way): on the AMD EPYC, 2026-12-07, it ran the small preset's [201088, 640] head in 7.9
-# ms at 1 row against oneDNN's 10.2, and at 4, 16 and 64 rows 0.93, 0.89 and 0.95 of oneDNN's
-# time; the 20b's [201088, 2880] in 0.79-0.90 of it at 1-16 rows (bench/linear_kernel.py).
+# bf16 projections and the LM head are laid out once for linear_interleaved (one copy, the
+# loaded weight released): on the AMD EPYC, 2026-12-07, the small preset's [201088, 640] head
+# took 7.9 ms at 1 row against oneDNN's prepacked 10.2, and 0.93, 0.89 and 0.95 of oneDNN's time
+# at 4, 16 and 64 rows; the 20b's [201088, 2880] 0.79-0.90 at 1-16 rows; the projections
+# 0.92-0.97 of F.linear's time for 512- and 2048-row prefill chunks and 0.3-0.8 for 1-64 rows
+# (bench/linear_kernel.py).
 
 
 @dataclass
@@ -88,9 +91,8 @@ class NativeCpuKernels(ReferenceKernels):
         )
 
     def prepare_lm_head(self, weights: ModelWeights) -> None:
-        w = weights.unembedding
-        if self.bf16_dot and w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.shape[1] % 2 == 0:
-            weights.unembedding_prepacked = self.native_cpu.InterleavedLinear(w)
+        if self._interleaves(weights.unembedding):
+            weights.unembedding_prepacked = self.native_cpu.InterleavedLinear(weights.unembedding)
             return
         super().prepare_lm_head(weights)
 
@@ -105,7 +107,27 @@ class NativeCpuKernels(ReferenceKernels):
             return self.native_cpu.argmax_rows(logits)
         return super().argmax(logits)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _interleaves(self, weight: torch.Tensor) -> bool:
+        return (
+            self.bf16_dot
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and weight.dim() == 2
+            and weight.shape[1] % 2 == 0
+        )
+
+    def prepare_linear(self, weight: torch.Tensor) -> torch.Tensor | PackedLinear:
+        if self._interleaves(weight):
+            return self.native_cpu.InterleavedLinear(weight)
+        return super().prepare_linear(weight)
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor | PackedLinear, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if isinstance(weight, self.native_cpu.InterleavedLinear) and x.dtype == torch.bfloat16:
+            return self.native_cpu.linear_interleaved(x, weight, bias)
+        if not isinstance(weight, torch.Tensor):
+            return super().linear(x, weight, bias)
         native = (
             self.bf16_dot
             and x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
