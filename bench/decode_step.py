@@ -9,7 +9,8 @@ One ``LLMEngine`` (bf16, ``native-cpu``) per (batch, context): B requests with s
 of the given length prefill, then decode greedily; every --steps decode steps the op switches
 between "reference" and "native" (the backend's default): ``attention`` = the decode
 attention (the backend's ``attention_dtypes``), ``norm_rope`` = RMSNorm and RoPE, ``head`` =
-the prepacked unembedding with its rows padded to HEAD_MIN_ROWS ("native") or not. Prints the median forward time of a decode step per
+the LM head as the backend lays it out (``linear_interleaved``, "native") or the reference's
+oneDNN-prepacked head with its rows padded to HEAD_MIN_ROWS. Prints the median forward time of a decode step per
 setting and their ratio; contexts grow by --rounds x --steps x 2 tokens over a case, the
 same for both settings.
 """
@@ -33,7 +34,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.types import SamplingParams
 from model.kernels import ReferenceKernels
-from model.prepacked import HEAD_MIN_ROWS
+from model.prepacked import HEAD_MIN_ROWS, PrepackedLinear, prepack_available
 from model.transformer import GptOssModel
 
 
@@ -41,14 +42,16 @@ def op_switch(model: GptOssModel, op: str) -> Callable[[bool], None]:
     """A function that puts ``op`` of the model on its native / new (True) or reference path."""
     kernels = model.kernels
     if op == "head":
-        head = model.weights.unembedding_prepacked
-        if head is None:
-            raise SystemExit("no prepacked unembedding here (oneDNN, bf16 on the CPU)")
+        weights = model.weights
+        native = weights.unembedding_prepacked
+        if native is None or not prepack_available(weights.unembedding.device, weights.unembedding.dtype):
+            raise SystemExit("no native head to compare with oneDNN's here (bf16 on the CPU)")
+        onednn = PrepackedLinear(weights.unembedding, HEAD_MIN_ROWS)
 
-        def padded(on: bool) -> None:
-            head.min_rows = HEAD_MIN_ROWS if on else 1
+        def head(on: bool) -> None:
+            weights.unembedding_prepacked = native if on else onednn
 
-        return padded
+        return head
     if op == "attention":
         if not hasattr(kernels, "attention_dtypes"):
             raise SystemExit(f"backend {kernels.name} has no native attention to compare")
