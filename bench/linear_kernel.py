@@ -4,9 +4,9 @@
 
 Per weight shape of gpt-oss (the small preset's and gpt-oss-20b's attention projections and
 unembedding) and row count: ``F.linear`` (oneDNN, reordering the weight every call), the
-weight reordered once (``model.prepacked.PrepackedLinear``), ``native_cpu.linear_bf16`` on the
-plain weight, and ``native_cpu.linear_interleaved`` on the weight laid out once for it (what the
-native backend serves with) and its fused argmax (no logits written); then the argmax of [N, 201088] bf16 logits:
+weight reordered once (``model.prepacked.PrepackedLinear``), and ``native_cpu.linear_interleaved``
+on the weight laid out once for it (what the native backend serves with) and its fused argmax
+(no logits written); then the argmax of [N, 201088] bf16 logits:
 ``greedy_argmax`` (the reference) against ``native_cpu.argmax_rows``. Runs alternate between
 the candidates; medians of --runs, and ratios taken in the same run.
 """
@@ -66,9 +66,9 @@ def main() -> int:
           f"torch {torch.__version__}, bf16, native ISA {native_cpu.isa()}")  # fmt: skip
     rows = [int(r) for r in args.rows.split(",")]
     g = torch.Generator().manual_seed(0)
-    print("| weight [out, in] | rows | F.linear ms | prepacked ms | native ms | interleaved ms "
+    print("| weight [out, in] | rows | F.linear ms | prepacked ms | interleaved ms "
           "| interleaved argmax ms | interleaved / prepacked | GB/s interleaved |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.shapes.split(","):
         o, h = SHAPES[name]
         w = (torch.randn(o, h, generator=g) / h**0.5).bfloat16()
@@ -81,13 +81,12 @@ def main() -> int:
             }
             if packed is not None:
                 fns["prepacked"] = lambda x=x, p=packed: p(x)
-            fns["native"] = lambda x=x, w=w: native_cpu.linear_bf16(x, w)
             fns["interleaved"] = lambda x=x, p=inter: native_cpu.linear_interleaved(x, p)
             fns["argmax"] = lambda x=x, p=inter: native_cpu.linear_interleaved(x, p, argmax=True)
             t = medians(fns, args.runs)
             pre = t.get("prepacked", float("nan"))
             gbs = w.numel() * 2 / t["interleaved"] / 1e6
-            print(f"| {name} [{o}, {h}] | {n} | {t['F.linear']:.3f} | {pre:.3f} | {t['native']:.3f} "
+            print(f"| {name} [{o}, {h}] | {n} | {t['F.linear']:.3f} | {pre:.3f} "
                   f"| {t['interleaved']:.3f} | {t['argmax']:.3f} | {t['interleaved'] / pre:.2f} | {gbs:.1f} |")  # fmt: skip
     print()
     print("| logits | greedy_argmax ms | native argmax_rows ms | native / reference |")

@@ -63,25 +63,16 @@ def fp32_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
     return y if b is None else y + b.float()
 
 
-def row_major(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **kw) -> torch.Tensor:
-    return native.linear_bf16(x, w, b, **kw)
-
-
-def interleaved(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **kw) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, **kw) -> torch.Tensor:
     return native.linear_interleaved(x, native.InterleavedLinear(w), b, **kw)
 
 
-LAYOUTS = {"row_major": row_major, "interleaved": interleaved}
-
-
 @needs_bf16_dot
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("h", [32, 40, 100, 640])
-def test_native_linear_is_fp32_maths_rounded_once(h, bias, layout):
+def test_native_linear_is_fp32_maths_rounded_once(h, bias):
     """Rows 1-9 and 13 (the interleaved kernel's 6-row tiles and their tails), outputs not a
     multiple of 16 or 64 (its groups of 16 and tiles of 4 groups, split between threads)."""
-    linear = LAYOUTS[layout]
     g = torch.Generator().manual_seed(h)
     for n in (*range(1, 10), 13):
         for o in (1, 5, 37, 258, 1031):
@@ -97,11 +88,9 @@ def test_native_linear_is_fp32_maths_rounded_once(h, bias, layout):
 
 
 @needs_bf16_dot
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_native_fused_argmax_is_torch_argmax_on_awkward_rows(layout):
+def test_native_fused_argmax_is_torch_argmax_on_awkward_rows():
     """Rows whose products tie, hold NaN or infinities (from x), or are all -inf (from the
     bias): the fused argmax is torch.argmax of the written result, at 1, 2 and 9 rows."""
-    linear = LAYOUTS[layout]
     g = torch.Generator().manual_seed(5)
     h, o = 64, 1031
     w = torch.randint(-2, 3, (o, h), generator=g).bfloat16()  # integer maths: exact ties
@@ -114,7 +103,7 @@ def test_native_fused_argmax_is_torch_argmax_on_awkward_rows(layout):
             x[2, 7] = float("inf")
         b = torch.zeros(o)
         got = linear(x, w, b)
-        assert torch.equal(linear(x, w, b, argmax=True), got.argmax(dim=-1)), (layout, n)
+        assert torch.equal(linear(x, w, b, argmax=True), got.argmax(dim=-1)), n
         ninf = torch.full((o,), float("-inf"))
         assert torch.equal(linear(x, w, ninf, argmax=True), linear(x, w, ninf).argmax(dim=-1))
 
@@ -122,14 +111,9 @@ def test_native_fused_argmax_is_torch_argmax_on_awkward_rows(layout):
 @needs_bf16_dot
 def test_native_linear_writes_into_out_and_rejects_bad_shapes():
     x, w = torch.randn(3, 64).bfloat16(), torch.randn(7, 64).bfloat16()
-    for linear in LAYOUTS.values():
-        out = torch.full((3, 7), float("nan"), dtype=torch.bfloat16)
-        assert linear(x, w, None, out=out) is out
-        assert not out.isnan().any()
-    with pytest.raises(RuntimeError):
-        native.linear_bf16(x, torch.randn(7, 32).bfloat16())
-    with pytest.raises(RuntimeError):
-        native.linear_bf16(x.float(), w)
+    out = torch.full((3, 7), float("nan"), dtype=torch.bfloat16)
+    assert linear(x, w, None, out=out) is out
+    assert not out.isnan().any()
     packed = native.InterleavedLinear(w)
     with pytest.raises(RuntimeError):
         native.linear_interleaved(torch.randn(3, 32).bfloat16(), packed)

@@ -33,16 +33,12 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what moe_experts computes in
 # 0.67-0.81x), so bf16 goes native only where the CPU has that path.
 NATIVE_ATTENTION_DTYPES = (torch.float32,)
 NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
-# Up to this many rows, attention projections the loader left plain (fp32 models, a backend
-# chosen after load) run in linear_bf16 (bench/linear_kernel.py, AMD EPYC, 2026-12-03: 1.3-2.3x
-# F.linear at 1-4 rows, which reorders the weight every call; from 16 rows on oneDNN wins).
-NATIVE_LINEAR_MAX_ROWS = 4
 # bf16 projections and the LM head are laid out once for linear_interleaved (one copy, the
 # loaded weight released): on the AMD EPYC, 2026-12-07, the small preset's [201088, 640] head
 # took 7.9 ms at 1 row against oneDNN's prepacked 10.2, and 0.93, 0.89 and 0.95 of oneDNN's time
 # at 4, 16 and 64 rows; the 20b's [201088, 2880] 0.79-0.90 at 1-16 rows; the projections
 # 0.92-0.97 of F.linear's time for 512- and 2048-row prefill chunks and 0.3-0.8 for 1-64 rows
-# (bench/linear_kernel.py).
+# (bench/linear_kernel.py). Weights left plain (fp32 models) take the reference's F.linear.
 
 
 @dataclass
@@ -126,17 +122,7 @@ class NativeCpuKernels(ReferenceKernels):
     ) -> torch.Tensor:
         if isinstance(weight, self.native_cpu.InterleavedLinear) and x.dtype == torch.bfloat16:
             return self.native_cpu.linear_interleaved(x, weight, bias)
-        if not isinstance(weight, torch.Tensor):
-            return super().linear(x, weight, bias)
-        native = (
-            self.bf16_dot
-            and x.shape[0] <= NATIVE_LINEAR_MAX_ROWS
-            and x.dtype == weight.dtype == torch.bfloat16
-            and weight.is_contiguous()
-        )
-        if native:
-            return self.native_cpu.linear_bf16(x, weight, bias)
-        return super().linear(x, weight, bias)
+        return super().linear(x, weight, bias)  # plain weights (fp32, or not prepared)
 
     def _native_rows(self, x: torch.Tensor) -> bool:  # the wrappers take any strides
         return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES

@@ -25,12 +25,10 @@ API:
   the decode queries of one plan group attended over the cache blocks in place
   (``attention.cpp``).
 - ``bf16_dot_available() -> bool``: the AVX-512 BF16 path is there, which the two below need.
-- ``linear_bf16(x, weight, bias=None, out=None, *, argmax=False)``: x @ weight.T + bias in bf16
-  with fp32 accumulation, or with ``argmax`` the greedy token of every row without writing
-  the product (``linear.cpp``).
 - ``InterleavedLinear(weight)`` and ``linear_interleaved(x, packed, bias=None, out=None, *,
-  argmax=False)``: the same product over a copy laid out once for it (16 outputs interleaved
-  per bf16 pair), at any row count (``linear.cpp``); the LM head's layout.
+  argmax=False)``: x @ weight.T + bias in bf16 with fp32 accumulation, rounded once, over a copy
+  of the weight laid out once for it (16 outputs interleaved per bf16 pair), at any row count;
+  with ``argmax`` the greedy token of every row, the product not written (``linear.cpp``).
 - ``argmax_rows(logits) -> Tensor``: ``logits.argmax(-1)`` vectorised, fp32 or bf16.
 - ``rms_norm(x, scale, eps, out=None)`` and ``rope(x, cos, sin, out=None)``: RMSNorm and the
   RoPE rotation in one pass each, fp32 or bf16, any ISA (``norm_rope.cpp``).
@@ -63,7 +61,6 @@ __all__ = [
     "build_info",
     "is_built",
     "isa",
-    "linear_bf16",
     "linear_interleaved",
     "moe_experts",
     "paged_decode_attention",
@@ -307,34 +304,9 @@ def paged_decode_attention(
 
 
 def bf16_dot_available() -> bool:
-    """Whether ``linear_bf16`` and ``argmax_rows`` run here (AVX-512 BF16, not capped off)."""
+    """Whether ``linear_interleaved`` and ``argmax_rows`` run here (AVX-512 BF16, not capped
+    off)."""
     return available() and _isa_level(None) >= ISAS.index("avx512_bf16")
-
-
-def linear_bf16(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    *,
-    argmax: bool = False,
-) -> torch.Tensor:
-    """bf16 x [N, H] @ weight [O, H].T (+ bias [O]) -> bf16 [N, O] (fp32 accumulation, one
-    rounding), written into ``out`` when given; with ``argmax`` -> int64 [N], the first index
-    of each row's maximum of that bf16 result (NaN counting as the maximum, as
-    torch.argmax), without writing the result. Raises RuntimeError without AVX-512 BF16."""
-    if not bf16_dot_available():
-        raise RuntimeError("linear_bf16 needs the native kernels with AVX-512 BF16")
-    x = x.contiguous()
-    b = None if bias is None else bias.to(torch.float32).contiguous()
-    if argmax:
-        ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-        torch.ops.gptoss_native.linear_bf16(x, weight, b, None, ids)
-        return ids
-    if out is None:
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16, device=x.device)
-    torch.ops.gptoss_native.linear_bf16(x, weight, b, out, None)
-    return out
 
 
 class InterleavedLinear:
@@ -370,9 +342,11 @@ def linear_interleaved(
     *,
     argmax: bool = False,
 ) -> torch.Tensor:
-    """``linear_bf16`` over an ``InterleavedLinear``: the same maths (fp32 accumulation, one
-    rounding to bf16) and the same ``out`` / ``argmax`` contract, for any number of rows; the
-    weight streams once per call whatever the rows. Raises RuntimeError without AVX-512 BF16."""
+    """bf16 x [N, H] @ weight.T (+ bias [O]) -> bf16 [N, O] (fp32 accumulation, one rounding),
+    written into ``out`` when given; with ``argmax`` -> int64 [N], the first index of each row's
+    maximum of that bf16 result (NaN counting as the maximum, as torch.argmax), without writing
+    the result. The weight streams once per call whatever the rows. Raises RuntimeError
+    without AVX-512 BF16."""
     if not bf16_dot_available():
         raise RuntimeError("linear_interleaved needs the native kernels with AVX-512 BF16")
     x = x.contiguous()

@@ -1,10 +1,11 @@
 // Native CPU kernels for bf16 linears and the greedy argmax (issue 16).
 //
-// linear_bf16: y = x W^T (+ b) for bf16 x [N, H] and W [O, H], with VDPBF16PS and fp32
+// linear_interleaved: y = x W^T (+ b) for bf16 x [N, H] and W [O, H] laid out once at load (16
+// outputs interleaved per bf16 pair; native_cpu.InterleavedLinear), with VDPBF16PS and fp32
 // accumulation, rounded once to bf16 (as oneDNN's bf16 matmul). Decode multiplies big weights
-// by few rows, so a step is bound by reading each weight once: the kernel streams W in blocks
-// of 4 rows that stay in L1 while every row of x passes over them, and needs no reordered copy
-// of the weight (torch's F.linear reorders the weight for oneDNN on every call).
+// by few rows, so a step is bound by reading each weight once: one or two rows stream the
+// weight in address order, more rows go through a register tile that reads it once per call
+// (torch's F.linear instead reorders the weight for oneDNN on every call).
 //
 // With `ids` defined instead of `out`, it writes the greedy argmax of every row of y (as
 // torch.argmax on the bf16 result: NaN counts as the maximum, the first index wins) and never
@@ -37,9 +38,6 @@
 
 namespace {
 
-constexpr int64_t kOutBlock = 4;  // rows of W held in L1 while the rows of x pass
-constexpr int64_t kXRows = 4;     // rows of x per pass: 4 x 4 accumulators
-
 // The argmax so far of one row: torch.argmax's order (NaN above every number, ties to the
 // first index), so merging the per-thread results in any order gives torch's answer.
 struct Best {
@@ -71,86 +69,6 @@ struct Best {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
 #define GPTOSS_LT512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-GPTOSS_LT512 GPTOSS_INLINE __m512bh load_bh(const uint16_t* p, __mmask32 m) {
-  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
-}
-
-// y[n][r] for XR rows of x against the 4 rows W[0..3] (rows past the end repeat the last one
-// and are dropped by the caller): H/32 steps of 4 + XR loads and 4 * XR dot products.
-template <int XR>
-GPTOSS_LT512 GPTOSS_INLINE void block(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t H,
-                                      float (*y)[kOutBlock]) {
-  __m512 acc[XR][kOutBlock];
-  for (int n = 0; n < XR; ++n)
-    for (int r = 0; r < kOutBlock; ++r) acc[n][r] = _mm512_setzero_ps();
-  for (int64_t h = 0; h < H; h += 32) {
-    const __mmask32 m = H - h >= 32 ? ~__mmask32(0) : (__mmask32(1) << (H - h)) - 1;
-    __m512bh wv[kOutBlock];
-    for (int r = 0; r < kOutBlock; ++r) wv[r] = load_bh(w[r] + h, m);
-    for (int n = 0; n < XR; ++n) {
-      const __m512bh xv = load_bh(x + n * ldx + h, m);
-      for (int r = 0; r < kOutBlock; ++r) acc[n][r] = _mm512_dpbf16_ps(acc[n][r], xv, wv[r]);
-    }
-  }
-  for (int n = 0; n < XR; ++n)
-    for (int r = 0; r < kOutBlock; ++r) y[n][r] = _mm512_reduce_add_ps(acc[n][r]);
-}
-
-// XR rows of x against 4 rows of W, each row of W read start to end before the next: with one or
-// two rows of x the product waits on memory, and W read in address order streams faster than
-// four rows read side by side (the [201088, 640] unembedding: 28-30 GB/s against 19-20 here).
-template <int XR>
-GPTOSS_LT512 GPTOSS_INLINE void block_seq(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t H,
-                                          float (*y)[kOutBlock]) {
-  for (int r = 0; r < kOutBlock; ++r) {
-    __m512 a0[XR], a1[XR];
-    for (int n = 0; n < XR; ++n) a0[n] = a1[n] = _mm512_setzero_ps();
-    int64_t h = 0;
-    for (; h + 64 <= H; h += 64) {
-      const __m512bh w0 = load_bh(w[r] + h, ~__mmask32(0)), w1 = load_bh(w[r] + h + 32, ~__mmask32(0));
-      for (int n = 0; n < XR; ++n) {
-        a0[n] = _mm512_dpbf16_ps(a0[n], load_bh(x + n * ldx + h, ~__mmask32(0)), w0);
-        a1[n] = _mm512_dpbf16_ps(a1[n], load_bh(x + n * ldx + h + 32, ~__mmask32(0)), w1);
-      }
-    }
-    for (; h < H; h += 32) {
-      const __mmask32 m = H - h >= 32 ? ~__mmask32(0) : (__mmask32(1) << (H - h)) - 1;
-      const __m512bh w0 = load_bh(w[r] + h, m);
-      for (int n = 0; n < XR; ++n) a0[n] = _mm512_dpbf16_ps(a0[n], load_bh(x + n * ldx + h, m), w0);
-    }
-    for (int n = 0; n < XR; ++n) y[n][r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[n], a1[n]));
-  }
-}
-
-// Output rows [o0, o1) of every row of x: into out (bf16 [N, O]) or offered to best[N].
-GPTOSS_LT512 void linear_range(const uint16_t* W, const uint16_t* X, const float* bias, int64_t N, int64_t H,
-                               int64_t O, int64_t o0, int64_t o1, uint16_t* out, Best* best) {
-  float y[kXRows][kOutBlock];
-  for (int64_t o = o0; o < o1; o += kOutBlock) {
-    const int64_t rows = std::min<int64_t>(kOutBlock, o1 - o);
-    const uint16_t* w[kOutBlock];
-    for (int r = 0; r < kOutBlock; ++r) w[r] = W + (o + std::min<int64_t>(r, rows - 1)) * H;
-    for (int64_t n0 = 0; n0 < N; n0 += kXRows) {
-      const int64_t xr = std::min<int64_t>(kXRows, N - n0);
-      const uint16_t* x = X + n0 * H;
-      switch (xr) {  // three or four rows: compute-bound, one load of W serves them all
-        case 4: block<4>(w, x, H, H, y); break;
-        case 3: block<3>(w, x, H, H, y); break;
-        case 2: block_seq<2>(w, x, H, H, y); break;
-        default: block_seq<1>(w, x, H, H, y); break;
-      }
-      for (int64_t n = 0; n < xr; ++n)
-        for (int64_t r = 0; r < rows; ++r) {
-          const uint16_t v = f32_to_bf16(y[n][r] + (bias ? bias[o + r] : 0.f));
-          if (out)
-            out[(n0 + n) * O + o + r] = v;
-          else
-            best[n0 + n].offer(bf16_to_f32(v), o + r);
-        }
-    }
-  }
-}
 
 // linear_interleaved's weight: P[g][k][r][2] = W[16 g + r][2 k + {0, 1}], rows past O zero
 // (packed once at load by native_cpu.InterleavedLinear). One 64-byte load is a bf16 pair of 16
@@ -331,7 +249,7 @@ GPTOSS_LT512 int64_t argmax_row(const T* v, int64_t V) {
 
 void check_isa() {
   TORCH_CHECK(GPTOSS_LINEAR_X86 && __builtin_cpu_supports("avx512bf16"),
-              "linear_bf16 / argmax_rows need AVX-512 BF16");
+              "linear_interleaved / argmax_rows need AVX-512 BF16");
 }
 
 // The checks and outputs both linear ops share: x bf16 [N, H], bias fp32 [O], exactly one of
@@ -393,23 +311,6 @@ struct LinearCall {
   }
 };
 
-void linear_bf16(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                 const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& ids) {
-  check_isa();
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 &&
-                  weight.is_contiguous() && weight.size(1) == x.size(1),
-              "weight must be contiguous bf16 [O, H]");
-  const LinearCall call(x, weight.size(0), bias, out, ids);
-#if GPTOSS_LINEAR_X86
-  const auto* W = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-  // Chunks of whole 4-row blocks; at least 64 rows each so a thread's share is worth a wake-up.
-  call.run((call.O + kOutBlock - 1) / kOutBlock, 16, [&](int64_t begin, int64_t end, uint16_t* y, Best* best) {
-    linear_range(W, call.X, call.bias, call.N, call.H, call.O, begin * kOutBlock, std::min(call.O, end * kOutBlock),
-                 y, best);
-  });
-#endif
-}
-
 void linear_interleaved(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                         const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& out,
                         const c10::optional<at::Tensor>& ids) {
@@ -450,7 +351,6 @@ void argmax_rows(const at::Tensor& logits, at::Tensor& ids) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(gptoss_native, m) {
-  m.def("linear_bf16(Tensor x, Tensor weight, Tensor? bias, Tensor(a!)? out, Tensor(b!)? ids) -> ()", &linear_bf16);
   m.def(
       "linear_interleaved(Tensor x, Tensor packed, int out_features, Tensor? bias, Tensor(a!)? out, Tensor(b!)? ids) "
       "-> ()",
