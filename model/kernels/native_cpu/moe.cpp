@@ -136,6 +136,14 @@ GPTOSS_T512 __attribute__((always_inline)) inline __m512i decode(const uint8_t* 
   return _mm512_permutexvar_epi16(*index, table);
 }
 
+// The 16 rows' E8M0 scale bytes of one block as fp32 2^(s-127) (255 -> inf; 0 -> 2^-127, a
+// subnormal the exponent field cannot hold).
+GPTOSS_T512 __attribute__((always_inline)) inline __m512 block_scales(const uint8_t* s) {
+  const __m512i sb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 23));
+  return _mm512_mask_mov_ps(scale, _mm512_testn_epi32_mask(sb, sb), _mm512_set1_ps(0x1p-127f));
+}
+
 // NT virtual rows against one row group: per block, the 16 bf16 pair-products accumulate in
 // fp32 with VDPBF16PS, then one FMA applies the 16 rows' scales. With few rows, CH
 // independent partial sums per row hide the VDPBF16PS latency.
@@ -144,7 +152,6 @@ GPTOSS_T512 __attribute__((always_inline)) inline void dp_rows(const uint8_t* W,
                                                                 const uint16_t* A, int64_t lda, float* C) {
   constexpr int CH = NT == 1 ? 4 : (NT <= 3 ? 2 : 1);
   const __m512i table = _mm512_load_si512(kFp4Bf16x2);
-  const __m512 tiny = _mm512_set1_ps(0x1p-127f);  // scale byte 0: 2^-127, a subnormal
   __m512 acc[NT];
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -167,10 +174,7 @@ GPTOSS_T512 __attribute__((always_inline)) inline void dp_rows(const uint8_t* W,
         part[t][p % CH] = _mm512_dpbf16_ps(part[t][p % CH], (__m512bh)w, (__m512bh)_mm512_set1_epi32(pair));
       }
     }
-    const __m512i sb =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + g * kRows)));
-    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 23));  // 2^(s-127); 255 -> inf
-    scale = _mm512_mask_mov_ps(scale, _mm512_testn_epi32_mask(sb, sb), tiny);
+    const __m512 scale = k512::block_scales(S + g * kRows);
 #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
       __m512 sum = part[t][0];
@@ -305,7 +309,6 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W
   const __m512i table = _mm512_load_si512(kFp4x2Plus12);
   const __m512i transpose = _mm512_load_si512(kTranspose.index);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512 tiny = _mm512_set1_ps(0x1p-127f);
   __m512 acc[NT];
 #pragma GCC unroll 16
   for (int t = 0; t < NT; ++t) acc[t] = _mm512_setzero_ps();
@@ -328,10 +331,7 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W
         dpbusd_broadcast(s2[t], hi, a + kBlock + 4);
       }
     }
-    const __m512i sb =
-        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + g * kRows)));
-    __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 23));  // 2^(s-127); 255 -> inf
-    scale = _mm512_mask_mov_ps(scale, _mm512_testn_epi32_mask(sb, sb), tiny);
+    const __m512 scale = k512::block_scales(S + g * kRows);
 #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
       const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(s1[t], 7), s2[t]),
