@@ -76,7 +76,7 @@ ISAS: tuple[str, ...] = ("generic", "avx2", "avx512_bf16", "avx512_vnni", "amx")
 AMX_MIN_ROWS = 4
 
 _DIR = Path(__file__).resolve().parent
-_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "linear.cpp", "norm_rope.cpp", "bf16.h")
+_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "linear.cpp", "norm_rope.cpp", "bf16.h", "runs.h")
 _COMPILED = ("moe.cpp", "attention.cpp", "linear.cpp", "norm_rope.cpp")
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)

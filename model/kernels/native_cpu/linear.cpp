@@ -20,13 +20,12 @@
 #include <torch/library.h>
 
 #include "bf16.h"
+#include "runs.h"
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -286,28 +285,22 @@ struct LinearCall {
     }
   }
 
-  // Runs range(begin, end, y, best) over [0, units) in parallel, each thread taking the next
-  // run of units as it finishes one (runs of at least `grain`, about 8 per thread); with ids,
-  // merges the threads' argmaxes in torch's order. Runs rather than a static half each: this
-  // machine has as many cores as threads, and when another thread (the server's event loop)
-  // takes a core for a moment, the other thread takes over the rest instead of waiting.
+  // Runs range(begin, end, y, best) over [0, units) in runs (runs.h; at least `grain`, about
+  // 8 per thread); with ids, merges the threads' argmaxes in torch's order.
   template <class F>
   void run(int64_t units, int64_t grain, const F& range) const {
     if (N == 0 || O == 0) return;
-    const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t step = std::max(grain, units / (workers * 8));
-    std::vector<Best> best(ids ? N : 0);
-    std::mutex merge;
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      std::vector<Best> mine(best.size());
-      for (int64_t i = next.fetch_add(step); i < units; i = next.fetch_add(step))
-        range(i, std::min(units, i + step), y, ids ? mine.data() : nullptr);
-      if (!ids) return;
-      std::lock_guard<std::mutex> hold(merge);
-      for (int64_t n = 0; n < N; ++n) best[n].offer(mine[n].value, mine[n].index);
+    std::vector<std::vector<Best>> mine(ids ? gptoss::run_workers() : 0, std::vector<Best>(N));
+    gptoss::parallel_runs(units, grain, 8, [&](int64_t begin, int64_t end, int64_t w) {
+      range(begin, end, y, ids ? mine[w].data() : nullptr);
     });
-    for (int64_t n = 0; n < static_cast<int64_t>(best.size()); ++n) ids[n] = best[n].index;
+    if (!ids) return;
+    for (int64_t n = 0; n < N; ++n) {
+      Best best;
+      for (const auto& m : mine)
+        if (m[n].index >= 0) best.offer(m[n].value, m[n].index);  // a thread may have had no run
+      ids[n] = best.index;
+    }
   }
 };
 

@@ -31,9 +31,9 @@
 #include <torch/library.h>
 
 #include "bf16.h"
+#include "runs.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -597,23 +597,11 @@ void run_tile(int64_t isa, bool use_amx, const uint8_t* W, const uint8_t* S, int
   generic::tile(W, S, G, A, lda, R, C);
 }
 
-// Runs f(item, worker) for every item. A thread takes the next run of consecutive items as it
-// finishes one: items differ in cost (an expert with 20 rows against one with 1), and
-// consecutive items are adjacent row groups in memory, so a thread streaming a long run keeps
-// the hardware prefetcher trained. Handing out single items instead, the two threads
-// alternated and a batch-1 step read 26 GB/s of this machine's 35 (bench/moe_kernel.py).
-constexpr int64_t kRunsPerWorker = 4;
+// f(item, worker) for every item of [0, n), in runs per thread (runs.h).
 template <class F>
-void run_items(int64_t n, int64_t workers, const F& f) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t step = std::max<int64_t>(1, n / (workers * kRunsPerWorker));
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t i = next.fetch_add(step, std::memory_order_relaxed); i < n;
-           i = next.fetch_add(step, std::memory_order_relaxed))
-        for (int64_t j = i; j < std::min(n, i + step); ++j) f(j, w);
-    }
+void for_each_item(int64_t n, const F& f) {
+  gptoss::parallel_runs(n, 1, 4, [&](int64_t begin, int64_t end, int64_t w) {
+    for (int64_t i = begin; i < end; ++i) f(i, w);
   });
 }
 
@@ -667,7 +655,7 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
   float* o = o_t.data_ptr<float>();
   std::memset(xg + rows * H, 0, sizeof(uint16_t) * pad * H);
   std::memset(ag + rows * I, 0, sizeof(uint16_t) * pad * I);
-  const int64_t workers = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t workers = gptoss::run_workers();
   std::vector<float> cbuf(static_cast<size_t>(workers * std::max<int64_t>(max_rows, 1) * kRows));
 
   static const bool prof = std::getenv("GPTOSS_MOE_PROFILE") != nullptr;
@@ -698,7 +686,7 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
   double tp1 = now();
   // mlp1 + SwiGLU: one item = one expert's 16 rows of [2I] (8 gate/up pairs).
   const int64_t nrg1 = R1 / kRows;
-  run_items(static_cast<int64_t>(active.size()) * nrg1, workers, [&](int64_t item, int64_t w) {
+  for_each_item(static_cast<int64_t>(active.size()) * nrg1, [&](int64_t item, int64_t w) {
     const int64_t e = active[item / nrg1], rg = item % nrg1;
     const int64_t n = start[e + 1] - start[e], R = n * ns;
     float* C = cbuf.data() + w * max_rows * kRows;
@@ -728,7 +716,7 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
   double tp2 = now();
   // mlp2: one item = one expert's 16 rows of [H].
   const int64_t nrg2 = H / kRows;
-  run_items(static_cast<int64_t>(active.size()) * nrg2, workers, [&](int64_t item, int64_t w) {
+  for_each_item(static_cast<int64_t>(active.size()) * nrg2, [&](int64_t item, int64_t w) {
     const int64_t e = active[item / nrg2], rg = item % nrg2;
     const int64_t n = start[e + 1] - start[e], R = n * ns;
     float* C = cbuf.data() + w * max_rows * kRows;
