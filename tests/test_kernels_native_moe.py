@@ -201,14 +201,12 @@ def test_out_argument_and_edge_cases(layers_by_shape):
         native_cpu.moe_experts(torch.randn(2, h + 32), weights[:2], ids[:2], packed, 1.702, 7.0)
 
 
-@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512_vnni"])
+@pytest.mark.parametrize("isa", [i for i in native_cpu.ISAS if native_cpu.available() and _runnable(i)])
 def test_bf16_activations_of_any_range(layers_by_shape, isa):
-    """Blocks of 32 activations spanning 2^20 (the int8 path quantizes per block to the
-    block's largest value), all-zero blocks and a token carrying inf or NaN: bf16 accuracy
-    where the values are finite, and the non-finite token alone non-finite, as in the
-    reference."""
-    if not _runnable(isa):
-        pytest.skip(f"this CPU runs at most {native_cpu.isa()}")
+    """On every path this CPU runs: blocks of 32 activations spanning 2^20 (the int8 path
+    quantizes per block to the block's largest value), all-zero blocks and a token carrying
+    inf or NaN: bf16 accuracy where the values are finite, and the non-finite token alone
+    non-finite, as in the reference."""
     h, i, e, k = SHAPES[1]
     experts, packed = layers_by_shape[h, i]
     config = ModelConfig(hidden_size=h, intermediate_size=i, num_experts=e, experts_per_token=k)
