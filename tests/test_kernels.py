@@ -391,16 +391,17 @@ def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
     import time
 
     import model.kernels.native_cpu as native_cpu
+    import model.kernels.native_cpu.build as build
 
     monkeypatch.setenv("GPTOSS_KERNEL_CACHE", str(tmp_path))
-    build_dir, _ = native_cpu._library()
+    build_dir, _ = build._library()
     build_dir.mkdir(parents=True)
     lock = build_dir / "lock"
     lock.write_text("")
-    old = time.time() - 2 * native_cpu._STALE_LOCK_SECONDS
+    old = time.time() - 2 * build._STALE_LOCK_SECONDS
     os.utime(lock, (old, old))
-    state = native_cpu._State()
-    monkeypatch.setattr(native_cpu, "_state", state)
+    state = build._State()
+    monkeypatch.setattr(build, "_state", state)
     monkeypatch.setattr(
         "torch.utils.cpp_extension.load", lambda **kw: (_ for _ in ()).throw(OSError("no build here"))
     )
