@@ -38,7 +38,8 @@ NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
 # took 7.9 ms at 1 row against oneDNN's prepacked 10.2, and 0.93, 0.89 and 0.95 of oneDNN's time
 # at 4, 16 and 64 rows; the 20b's [201088, 2880] 0.79-0.90 at 1-16 rows; the projections
 # 0.92-0.97 of F.linear's time for 512- and 2048-row prefill chunks and 0.3-0.8 for 1-64 rows
-# (bench/linear_kernel.py). Weights left plain (fp32 models) take the reference's F.linear.
+# (bench/linear_kernel.py). ``linear`` and ``lm_head`` are the reference's, which call a
+# prepared weight; weights left plain (fp32 models) take its F.linear.
 
 
 @dataclass
@@ -94,7 +95,7 @@ class NativeCpuKernels(ReferenceKernels):
 
     def lm_head_argmax(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
         head = weights.unembedding_prepacked
-        if isinstance(head, self.native_cpu.InterleavedLinear) and x.dtype == torch.bfloat16:
+        if isinstance(head, self.native_cpu.InterleavedLinear):
             return self.native_cpu.linear_interleaved(x, head, argmax=True)  # no logits written
         return super().lm_head_argmax(x, weights)
 
@@ -116,13 +117,6 @@ class NativeCpuKernels(ReferenceKernels):
         if self._interleaves(weight):
             return self.native_cpu.InterleavedLinear(weight)
         return super().prepare_linear(weight)
-
-    def linear(
-        self, x: torch.Tensor, weight: torch.Tensor | PackedLinear, bias: torch.Tensor | None
-    ) -> torch.Tensor:
-        if isinstance(weight, self.native_cpu.InterleavedLinear) and x.dtype == torch.bfloat16:
-            return self.native_cpu.linear_interleaved(x, weight, bias)
-        return super().linear(x, weight, bias)  # plain weights (fp32, or not prepared)
 
     def _native_rows(self, x: torch.Tensor) -> bool:  # the wrappers take any strides
         return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES
