@@ -84,8 +84,8 @@ class GptOssModel(torch.nn.Module):
         total = 0
         w = self.weights
         tensors = [w.embedding, w.norm, w.unembedding]
-        if w.unembedding_prepacked is not None:
-            tensors.append(w.unembedding_prepacked.weight)
+        if w.unembedding_prepacked is not None:  # its weight, and whatever a backend keeps beside it
+            tensors += [v for v in vars(w.unembedding_prepacked).values() if isinstance(v, torch.Tensor)]
         for layer in w.layers:
             tensors += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
             tensors += [

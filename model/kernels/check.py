@@ -257,4 +257,12 @@ def _check_lm_head(
     x = _randn(
         torch.Generator(device=device).manual_seed(3), 2, config.hidden_size, dtype=dtype, device=device
     )
-    _compare("lm head", candidate.lm_head(x, ours), reference.lm_head(x, ref), dtype)
+    logits = candidate.lm_head(x, ours)
+    _compare("lm head", logits, reference.lm_head(x, ref), dtype)
+    # A backend's greedy path (possibly fused or screened) against its own logits: the same
+    # tokens exactly, where the reference's rounding could break a near-tie either way.
+    ids = candidate.lm_head_argmax(x, ours)
+    if not torch.equal(ids, candidate.argmax(logits)):
+        raise _Mismatch(
+            f"lm head argmax: got {ids.tolist()}, its logits' argmax is {candidate.argmax(logits).tolist()}"
+        )

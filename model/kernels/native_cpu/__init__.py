@@ -29,6 +29,11 @@ API:
   argmax=False)``: x @ weight.T + bias in bf16 with fp32 accumulation, rounded once, over a copy
   of the weight laid out once for it (16 outputs interleaved per bf16 pair), at any row count;
   with ``argmax`` the greedy token of every row, the product not written (``linear.cpp``).
+- ``screen_available() -> bool``, ``ScreenedHead(weight)`` and ``screened_argmax(x, head,
+  recomputed=None)``:
+  the greedy tokens of an ``InterleavedLinear`` head read through an 8-bit copy with a proven
+  error bound, the few candidates recomputed exactly: ``linear_interleaved(..., argmax=True)``'s
+  tokens for half the bytes (``head.cpp``; AVX-512 VNNI).
 - ``argmax_rows(logits) -> Tensor``: ``logits.argmax(-1)`` vectorised, fp32 or bf16.
 - ``rms_norm(x, scale, eps, out=None)`` and ``rope(x, cos, sin, out=None)``: RMSNorm and the
   RoPE rotation in one pass each, fp32 or bf16, any ISA (``norm_rope.cpp``).
@@ -47,6 +52,7 @@ __all__ = [
     "ISAS",
     "InterleavedLinear",
     "PackedExperts",
+    "ScreenedHead",
     "argmax_rows",
     "available",
     "bf16_dot_available",
@@ -59,6 +65,8 @@ __all__ = [
     "paged_decode_attention",
     "rms_norm",
     "rope",
+    "screen_available",
+    "screened_argmax",
     "unavailable_reason",
 ]
 
@@ -221,6 +229,65 @@ def linear_interleaved(
         out = torch.empty(x.shape[0], o, dtype=torch.bfloat16, device=x.device)
     torch.ops.gptoss_native.linear_interleaved(x, weight.weight, o, b, out, None)
     return out
+
+
+def screen_available() -> bool:
+    """Whether ``screened_argmax`` runs here (AVX-512 VNNI beside BF16, not capped off)."""
+    return available() and _isa_level(None) >= ISAS.index("avx512_vnni")
+
+
+SCREEN_BUILD_ROWS = 16384  # outputs quantized at a time at load (an fp32 copy of these only)
+
+
+class ScreenedHead(InterleavedLinear):
+    """An ``InterleavedLinear`` LM head with an 8-bit copy beside it for ``screened_argmax``:
+    per output a scale max|W[v]| / 127 (``scale``), the bytes round(W / scale) + 128 laid out
+    [ceil(V / 16), H / 4, 16, 4] (``screen``: 4 inputs of 16 outputs per 64 bytes) and
+    sum|W[v]| rounded up (``l1``). Half the head's size again; the full logits
+    (``__call__``) still come from the bf16 copy. Needs H a multiple of 4."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight)
+        if self.in_features % 4:
+            raise ValueError(f"the screen needs H a multiple of 4, got {self.in_features}")
+        groups, h = self.weight.shape[0], self.in_features
+        self.screen = torch.empty(groups, h // 4, 16, 4, dtype=torch.uint8, device=weight.device)
+        self.scale = torch.zeros(groups * 16, dtype=torch.float32, device=weight.device)
+        self.l1 = torch.zeros(groups * 16, dtype=torch.float32, device=weight.device)
+        for start in range(0, groups * 16, SCREEN_BUILD_ROWS):
+            stop = min(start + SCREEN_BUILD_ROWS, groups * 16)
+            w = torch.zeros(stop - start, h, dtype=torch.float32, device=weight.device)
+            real = max(0, min(stop, self.out_features) - start)
+            w[:real] = weight[start : start + real]
+            scale = w.abs().amax(dim=1) / 127
+            q = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127) + 128
+            self.screen[start // 16 : stop // 16] = (
+                q.to(torch.uint8).view(-1, 16, h // 4, 4).permute(0, 2, 1, 3)
+            )
+            self.scale[start:stop] = scale
+            # Rounded up, so that the bound built on it stays a bound.
+            self.l1[start:stop] = (w.abs().sum(dim=1, dtype=torch.float64) * (1 + 2**-20)).float()
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + sum(t.numel() * t.element_size() for t in (self.screen, self.scale, self.l1))
+
+
+def screened_argmax(
+    x: torch.Tensor, head: ScreenedHead, recomputed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``linear_interleaved(x, head, argmax=True)``'s tokens (int64 [N]), bit for bit, for bf16
+    x [N, H], read through the head's 8-bit screen: every logit within a proven bound, then only
+    the groups of 16 outputs that can hold the maximum recomputed exactly (all of them when the
+    bound says nothing: NaN or inf in x, flat logits). ``recomputed`` (int64 [N]), when given,
+    receives how many groups each row recomputed. Raises RuntimeError without AVX-512 VNNI."""
+    if not screen_available():
+        raise RuntimeError("screened_argmax needs the native kernels with AVX-512 VNNI")
+    ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    torch.ops.gptoss_native.screened_argmax(
+        x.contiguous(), head.weight, head.screen, head.scale, head.l1, head.out_features, ids, recomputed
+    )
+    return ids
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import torch
 ISAS: tuple[str, ...] = ("generic", "avx2", "avx512_bf16", "avx512_vnni", "amx")
 
 _DIR = Path(__file__).resolve().parent
-_SOURCES = ("moe.cpp", "tile_generic.h", "attention.cpp", "linear.cpp", "norm_rope.cpp", "bf16.h", "runs.h")
-_COMPILED = ("moe.cpp", "attention.cpp", "linear.cpp", "norm_rope.cpp")
+_COMPILED = ("moe.cpp", "attention.cpp", "linear.cpp", "head.cpp", "norm_rope.cpp")
+_SOURCES = (*_COMPILED, "tile_generic.h", "bf16.h", "runs.h", "interleaved.h")
 _CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
 _LDFLAGS = ("-fopenmp",)
 _OK_MARKER = "built.ok"

@@ -19,128 +19,30 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include "bf16.h"
+#include "interleaved.h"
 #include "runs.h"
 
-#include <cmath>
-#include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
-
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define GPTOSS_LINEAR_X86 1
-#else
-#define GPTOSS_LINEAR_X86 0
-#endif
 
 namespace {
 
-// The argmax so far of one row: torch.argmax's order (NaN above every number, ties to the
-// first index), so merging the per-thread results in any order gives torch's answer.
-struct Best {
-  float value = -std::numeric_limits<float>::infinity();
-  int64_t index = -1;
-  bool nan = false;
-
-  void offer(float v, int64_t i) {
-    const bool vn = std::isnan(v);
-    bool take;
-    if (index < 0) {
-      take = true;
-    } else if (vn != nan) {
-      take = vn;
-    } else if (vn || v == value) {
-      take = i < index;
-    } else {
-      take = v > value;
-    }
-    if (take) {
-      value = v;
-      index = i;
-      nan = vn;
-    }
-  }
-};
+using gptoss::Best;
 
 #if GPTOSS_LINEAR_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
-#define GPTOSS_LT512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-// linear_interleaved's weight: P[g][k][r][2] = W[16 g + r][2 k + {0, 1}], rows past O zero
-// (packed once at load by native_cpu.InterleavedLinear). One 64-byte load is a bf16 pair of 16
-// output rows, which VDPBF16PS multiplies by one broadcast pair of x: a lane accumulates one
-// output, so no horizontal sums, and a group's weights (32 H bytes) stay in L1/L2 while every
-// row of x passes over them, read from memory once per call.
-
-// acc += pairs(w) . broadcast(pair at x), the broadcast folded into the instruction.
-GPTOSS_LT512 GPTOSS_INLINE void dpbf16_broadcast(__m512& acc, __m512i w, const uint16_t* x) {
-  asm("vdpbf16ps %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
-}
-
-// One or two rows of x against one group of 16 outputs; CH partial sums per row hide the
-// VDPBF16PS latency.
-template <int NB>
-GPTOSS_LT512 GPTOSS_INLINE void group_rows(const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
-                                           __m512* acc) {
-  constexpr int CH = NB == 1 ? 4 : 2;
-  __m512 part[NB][CH];
-  for (int n = 0; n < NB; ++n)
-    for (int c = 0; c < CH; ++c) part[n][c] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + CH <= K2; k += CH)
-    for (int c = 0; c < CH; ++c) {
-      const __m512i w = _mm512_loadu_si512(P + (k + c) * 32);
-      for (int n = 0; n < NB; ++n) dpbf16_broadcast(part[n][c], w, x + n * ldx + 2 * (k + c));
-    }
-  for (; k < K2; ++k) {
-    const __m512i w = _mm512_loadu_si512(P + k * 32);
-    for (int n = 0; n < NB; ++n) dpbf16_broadcast(part[n][0], w, x + n * ldx + 2 * k);
-  }
-  for (int n = 0; n < NB; ++n) {
-    __m512 sum = part[n][0];
-    for (int c = 1; c < CH; ++c) sum = _mm512_add_ps(sum, part[n][c]);
-    acc[n] = sum;
-  }
-}
-
-
-// Groups [g0, g1) of outputs for every row of x: into y (bf16 [N, O]) or best[N].
-// Three rows of x or more: the product is compute-bound, so a register tile of NR rows x NG
-// groups (NR * NG accumulators) shares each x broadcast across NG groups and each weight load
-// across NR rows, as a GEMM microkernel does.
-template <int NR, int NG>
-GPTOSS_LT512 GPTOSS_INLINE void tile_rows(const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
-                                          __m512 (*acc)[4]) {
-  __m512 a[NR][NG];
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NG; ++j) a[r][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K2; ++k) {
-    __m512i w[NG];
-    for (int j = 0; j < NG; ++j) w[j] = _mm512_loadu_si512(P + (j * K2 + k) * 32);
-    for (int r = 0; r < NR; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, x + r * ldx + 2 * k, 4);
-      const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < NG; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], (__m512bh)w[j], xb);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int j = 0; j < NG; ++j) acc[r][j] = a[r][j];
-}
 
 template <int NG>
 GPTOSS_LT512 void tile_dispatch(int nr, const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
                                 __m512 (*acc)[4]) {
   switch (nr) {
-    case 6: tile_rows<6, NG>(P, K2, x, ldx, acc); break;
-    case 5: tile_rows<5, NG>(P, K2, x, ldx, acc); break;
-    case 4: tile_rows<4, NG>(P, K2, x, ldx, acc); break;
-    case 3: tile_rows<3, NG>(P, K2, x, ldx, acc); break;
-    case 2: tile_rows<2, NG>(P, K2, x, ldx, acc); break;
-    default: tile_rows<1, NG>(P, K2, x, ldx, acc); break;
+    case 6: gptoss::tile_rows<6, NG>(P, K2, x, ldx, acc); break;
+    case 5: gptoss::tile_rows<5, NG>(P, K2, x, ldx, acc); break;
+    case 4: gptoss::tile_rows<4, NG>(P, K2, x, ldx, acc); break;
+    case 3: gptoss::tile_rows<3, NG>(P, K2, x, ldx, acc); break;
+    case 2: gptoss::tile_rows<2, NG>(P, K2, x, ldx, acc); break;
+    default: gptoss::tile_rows<1, NG>(P, K2, x, ldx, acc); break;
   }
 }
 
@@ -181,9 +83,9 @@ GPTOSS_LT512 void interleaved_range(const uint16_t* P, const uint16_t* X, const 
     for (int64_t g = g0; g < g1; ++g) {
       __m512 acc[2];
       if (N == 2)
-        group_rows<2>(P + g * K2 * 32, K2, X, H, acc);
+        gptoss::group_rows<2>(P + g * K2 * 32, K2, X, H, acc);
       else
-        group_rows<1>(P + g * K2 * 32, K2, X, H, acc);
+        gptoss::group_rows<1>(P + g * K2 * 32, K2, X, H, acc);
       for (int64_t n = 0; n < N; ++n) emit(n, g, acc[n]);
     }
   } else {
