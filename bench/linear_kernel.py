@@ -1,14 +1,17 @@
 """bf16 linears of decode and the greedy argmax: PyTorch / oneDNN against the native kernels.
 
-    python bench/linear_kernel.py [--rows 1,4,16,64] [--runs 9]
+    python bench/linear_kernel.py [--rows 1,4,16,64] [--screen-rows 1,2,4,8,16] [--runs 9]
 
 Per weight shape of gpt-oss (the small preset's and gpt-oss-20b's attention projections and
 unembedding) and row count: ``F.linear`` (oneDNN, reordering the weight every call), the
 weight reordered once (``model.prepacked.PrepackedLinear``), and ``native_cpu.linear_interleaved``
 on the weight laid out once for it (what the native backend serves with) and its fused argmax
 (no logits written); then the argmax of [N, 201088] bf16 logits:
-``greedy_argmax`` (the reference) against ``native_cpu.argmax_rows``. Runs alternate between
-the candidates; medians of --runs, and ratios taken in the same run.
+``greedy_argmax`` (the reference) against ``native_cpu.argmax_rows``; then the unembeddings'
+greedy tokens through the 8-bit screen (``native_cpu.screened_argmax``) against the fused
+argmax, with the groups of 16 outputs the screen left to recompute and a check that the tokens
+are the same. Runs alternate between the candidates; medians of --runs, and ratios taken in the
+same run.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1,4,16,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--screen-rows", default="1,2,4,8,16")
     ap.add_argument("--runs", type=int, default=9)
     args = ap.parse_args()
     if not native_cpu.bf16_dot_available():
@@ -96,7 +100,31 @@ def main() -> int:
         cands = {"ref": lambda x=x: greedy_argmax(x), "native": lambda x=x: native_cpu.argmax_rows(x)}
         t = medians(cands, args.runs)
         print(f"| [{n}, {VOCAB}] bf16 | {t['ref']:.3f} | {t['native']:.3f} | {t['native'] / t['ref']:.2f} |")
+    if native_cpu.screen_available():
+        screen_table(args, g)
     return 0
+
+
+def screen_table(args: argparse.Namespace, g: torch.Generator) -> None:
+    print()
+    print("| unembedding [out, in] | rows | fused argmax ms | screened ms | screened / fused "
+          "| groups recomputed per row (of all) | same tokens |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name in [s for s in args.shapes.split(",") if "unembedding" in s]:
+        o, h = SHAPES[name]
+        head = native_cpu.ScreenedHead((torch.randn(o, h, generator=g) / h**0.5).bfloat16())
+        for n in [int(r) for r in args.screen_rows.split(",")]:
+            x = torch.randn(n, h, generator=g).bfloat16()
+            fns: dict[str, Callable[[], object]] = {
+                "fused": lambda x=x, p=head: native_cpu.linear_interleaved(x, p, argmax=True),
+                "screened": lambda x=x, p=head: native_cpu.screened_argmax(x, p),
+            }
+            t = medians(fns, args.runs)
+            recomputed = torch.empty(n, dtype=torch.int64)
+            same = torch.equal(native_cpu.screened_argmax(x, head, recomputed), fns["fused"]())
+            print(f"| {name} [{o}, {h}] | {n} | {t['fused']:.3f} | {t['screened']:.3f} "
+                  f"| {t['screened'] / t['fused']:.2f} | {int(recomputed.float().median())} "
+                  f"({head.weight.shape[0]}) | {same} |")  # fmt: skip
 
 
 if __name__ == "__main__":

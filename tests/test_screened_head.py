@@ -10,14 +10,14 @@ import torch
 
 from model.checkpoint import make_checkpoint
 from model.kernels import native_cpu as native
-from model.kernels.native import SCREEN_MAX_ROWS
 from model.loader import load_model
 
 pytestmark = pytest.mark.skipif(
     not native.screen_available(), reason="this CPU has no AVX-512 VNNI (the screen's path)"
 )
 
-ROWS = range(1, SCREEN_MAX_ROWS + 3)
+TWO_DIGIT_ROWS = 8  # head.cpp's kTwoDigitRows: wider calls quantize x in one digit
+ROWS = range(1, TWO_DIGIT_ROWS + 5)
 
 
 def exact(x: torch.Tensor, head: native.ScreenedHead) -> torch.Tensor:
@@ -31,7 +31,8 @@ def check_rows(x: torch.Tensor, head: native.ScreenedHead, what: str) -> torch.T
     got = native.screened_argmax(x, head, recomputed)
     assert torch.equal(got, exact(x, head)), what
     assert torch.equal(got, head(x).argmax(dim=-1)), what
-    assert ((recomputed >= 1) & (recomputed <= head.weight.shape[0])).all(), what
+    served_whole = x.shape[0] > TWO_DIGIT_ROWS and recomputed.eq(-1).all()
+    assert served_whole or ((recomputed >= 1) & (recomputed <= head.weight.shape[0])).all(), what
     return recomputed
 
 
@@ -96,14 +97,16 @@ def test_the_bound_covers_logits_the_eight_bits_put_in_the_wrong_order():
     """Hand-made rows where the 8-bit estimate ranks a lower logit first, and only the bound's
     two terms keep the true maximum (index 20) among the groups recomputed: the weights' step
     (every weight of row 20 just under half a step, so its estimate loses 0.44 per input), and
-    the activations' step (features of 3/1024 beside one of 127, which the two digits round to
-    zero, times weights of 1)."""
+    the activations' step, with two digits (features of 3/1024 beside one of 127, rounded to
+    zero, times weights of 1) and with one (features of 16.5 and 15.5 rounded to 16)."""
 
-    def served(w: torch.Tensor, x: torch.Tensor) -> int:
+    def served(w: torch.Tensor, x: torch.Tensor, rows: int = 1) -> int:
         head = native.ScreenedHead(w.bfloat16())
-        got = native.screened_argmax(x.bfloat16()[None], head)
-        assert torch.equal(got, exact(x.bfloat16()[None], head))
-        return int(got)
+        xs = x.bfloat16()[None].repeat(rows, 1)
+        recomputed = torch.empty(rows, dtype=torch.int64)
+        got = native.screened_argmax(xs, head, recomputed)
+        assert torch.equal(got, exact(xs, head)) and recomputed.min() >= 1  # screened, not whole
+        return int(got[0])
 
     h = 64  # the weights' step: scale 1, row 20's estimate 127 against row 3's exact 154
     w = torch.zeros(40, h)
@@ -120,18 +123,35 @@ def test_the_bound_covers_logits_the_eight_bits_put_in_the_wrong_order():
     w[3, 0] = 3 / 128
     assert served(w, x) == 20
 
+    # One digit (wider calls, no outlier features): features of 16.5 and 15.5 both round to 16,
+    # so row 20 (+1 on the first, -1 on the second: 15 exactly, 0 estimated) falls behind row 3
+    # (14 both ways). Logits near 0 keep the bf16 window around the best lower bound narrow.
+    h = 64
+    x = torch.full((h,), 16.0)
+    x[0], x[1:16], x[16:31] = 127, 16.5, 15.5
+    w = torch.zeros(40, h)
+    w[20, 1:16], w[20, 16:31] = 1, -1
+    w[3, 40] = 0.875
+    assert served(w, x, rows=TWO_DIGIT_ROWS + 1) == 20
+
 
 @pytest.mark.parametrize("h", [64, 640])
 def test_the_screen_recomputes_few_groups_on_ordinary_logits(h):
-    """Gaussian weights and hidden states, with and without outlier features: the bound admits
-    a few percent of the groups (with the one-digit activations a trained model's outliers
-    would admit most of them)."""
+    """Gaussian weights and hidden states: the bound admits a few percent of the groups, with
+    two digits (up to 8 rows, outlier features too) and with one (wider calls)."""
     g = torch.Generator().manual_seed(h)
     o = 32768
     head = native.ScreenedHead(weights("gaussian", o, h, g))
-    for kind in ("gaussian", "outlier features"):
-        recomputed = check_rows(activations(kind, 4, h, g), head, kind)
-        assert recomputed.max() <= head.weight.shape[0] // 20, (kind, recomputed.tolist())
+    for kind, n in (("gaussian", 4), ("outlier features", 4), ("gaussian", 16), ("gaussian", 64)):
+        recomputed = check_rows(activations(kind, n, h, g), head, kind)
+        groups = head.weight.shape[0]
+        limit = groups // 20 if n <= TWO_DIGIT_ROWS else groups // 8  # one digit: twice as wide
+        assert recomputed.min() >= 1 and recomputed.float().median() <= groups // 20, (kind, n)
+        assert recomputed.max() <= limit, (kind, n, recomputed.tolist())
+    # Wider than two digits serve, a row with outlier features: the bf16 kernel serves all.
+    x = activations("gaussian", 9, h, g)
+    x[4, 2] = 1000.0
+    assert check_rows(x, head, "outlier row").eq(-1).all()
 
 
 def test_the_screen_is_the_weight_in_eight_bits():
@@ -158,7 +178,7 @@ def test_the_native_backend_serves_greedy_rows_from_the_screen(tmp_path):
     assert isinstance(head, native.ScreenedHead)
     held = head.nbytes
     assert model.weights_nbytes() >= held + model.weights.embedding.numel() * 2
-    x = torch.randn(SCREEN_MAX_ROWS + 1, head.in_features).bfloat16()
-    for n in (1, 3, SCREEN_MAX_ROWS, SCREEN_MAX_ROWS + 1):
+    x = torch.randn(2 * TWO_DIGIT_ROWS, head.in_features).bfloat16()
+    for n in (1, 3, TWO_DIGIT_ROWS, 2 * TWO_DIGIT_ROWS):
         ids = model.kernels.lm_head_argmax(x[:n], model.weights)
         assert torch.equal(ids, model.kernels.argmax(model.kernels.lm_head(x[:n], model.weights)))

@@ -2,7 +2,7 @@
 ``model/kernels/native_cpu/`` multiplies packed (its ``PackedExperts`` and ``moe_experts``),
 decode attention, which reads the paged cache in place (``paged_decode_attention``; fp32,
 and bf16 where the CPU has AVX-512 BF16), RMSNorm and RoPE in one pass each, and the bf16
-projections and LM head, whose greedy tokens at few rows read an 8-bit screen of it.
+projections and LM head, whose greedy tokens read an 8-bit screen of it.
 
 Imported by ``select.py`` only for a CPU device, after ``native_cpu.available()`` said yes,
 so nothing here is loaded on a GPU machine. Dense experts (``--dequantize-experts``, the
@@ -41,12 +41,6 @@ NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
 # 0.92-0.97 of F.linear's time for 512- and 2048-row prefill chunks and 0.3-0.8 for 1-64 rows
 # (bench/linear_kernel.py). ``linear`` and ``lm_head`` are the reference's, which call a
 # prepared weight; weights left plain (fp32 models) take its F.linear.
-
-# Greedy rows up to this many take the head's 8-bit screen (``native_cpu.screened_argmax``, the
-# same tokens): on the AMD EPYC, 2026-12-07, 0.50-0.51 of the bf16 head's time at 1-4 rows on
-# the small preset's [201088, 640] and 0.54-0.68 on the 20b's [201088, 2880]; 0.80 at 8 rows,
-# 1.05 at 16, where the two-digit integer products cost more than the bytes saved.
-SCREEN_MAX_ROWS = 8
 
 
 @dataclass
@@ -97,6 +91,10 @@ class NativeCpuKernels(ReferenceKernels):
     def prepare_lm_head(self, weights: ModelWeights) -> None:
         w = weights.unembedding
         if self._interleaves(w):
+            # The 8-bit screen beside the bf16 copy (half its size again) for greedy rows: on the
+            # AMD EPYC, 2026-12-07, 0.50-0.56 of the fused argmax's time at 1-4 rows on the small
+            # preset's [201088, 640] head and 0.54-0.68 on the 20b's, 0.8 at 8-16 rows, 0.66 at 64
+            # (bench/linear_kernel.py).
             screens = self.native_cpu.screen_available() and w.shape[1] % 4 == 0
             kind = self.native_cpu.ScreenedHead if screens else self.native_cpu.InterleavedLinear
             weights.unembedding_prepacked = kind(w)
@@ -105,7 +103,7 @@ class NativeCpuKernels(ReferenceKernels):
 
     def lm_head_argmax(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
         head = weights.unembedding_prepacked
-        if isinstance(head, self.native_cpu.ScreenedHead) and x.shape[0] <= SCREEN_MAX_ROWS:
+        if isinstance(head, self.native_cpu.ScreenedHead):
             return self.native_cpu.screened_argmax(x, head)
         if isinstance(head, self.native_cpu.InterleavedLinear):
             return self.native_cpu.linear_interleaved(x, head, argmax=True)  # no logits written

@@ -279,15 +279,21 @@ def screened_argmax(
     """``linear_interleaved(x, head, argmax=True)``'s tokens (int64 [N]), bit for bit, for bf16
     x [N, H], read through the head's 8-bit screen: every logit within a proven bound, then only
     the groups of 16 outputs that can hold the maximum recomputed exactly (all of them when the
-    bound says nothing: NaN or inf in x, flat logits). ``recomputed`` (int64 [N]), when given,
-    receives how many groups each row recomputed. Raises RuntimeError without AVX-512 VNNI."""
+    bound says nothing: NaN or inf in x, flat logits). Up to 8 rows, activations in two 8-bit
+    digits; wider calls in one (half the products), unless a row has outlier features, and then
+    the bf16 kernel serves them whole (``recomputed`` then reads -1). ``recomputed`` (int64
+    [N]), when given, receives how many groups each row recomputed. Raises RuntimeError without
+    AVX-512 VNNI."""
     if not screen_available():
         raise RuntimeError("screened_argmax needs the native kernels with AVX-512 VNNI")
+    x = x.contiguous()
     ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    torch.ops.gptoss_native.screened_argmax(
-        x.contiguous(), head.weight, head.screen, head.scale, head.l1, head.out_features, ids, recomputed
-    )
-    return ids
+    op = torch.ops.gptoss_native.screened_argmax
+    if op(x, head.weight, head.screen, head.scale, head.l1, head.out_features, ids, recomputed):
+        return ids
+    if recomputed is not None:
+        recomputed.fill_(-1)
+    return linear_interleaved(x, head, argmax=True)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
