@@ -10,14 +10,14 @@ import torch
 
 from model.checkpoint import make_checkpoint
 from model.kernels import native_cpu as native
+from model.kernels.native import SCREEN_TWO_DIGIT_ROWS as TWO_DIGIT_ROWS
 from model.loader import load_model
 
 pytestmark = pytest.mark.skipif(
     not native.screen_available(), reason="this CPU has no AVX-512 VNNI (the screen's path)"
 )
 
-TWO_DIGIT_ROWS = 8  # head.cpp's kTwoDigitRows: wider calls quantize x in one digit
-ROWS = range(1, TWO_DIGIT_ROWS + 5)
+ROWS = range(1, 2 * TWO_DIGIT_ROWS + 3)  # two digits up to TWO_DIGIT_ROWS, one digit past
 
 
 def exact(x: torch.Tensor, head: native.ScreenedHead) -> torch.Tensor:
@@ -28,11 +28,15 @@ def check_rows(x: torch.Tensor, head: native.ScreenedHead, what: str) -> torch.T
     """screened_argmax against the bf16 kernel's fused argmax and its written logits' argmax;
     returns how many groups each row recomputed."""
     recomputed = torch.full((x.shape[0],), -1, dtype=torch.int64)
-    got = native.screened_argmax(x, head, recomputed)
+    screened = native.screened_argmax(x, head, recomputed)
+    if screened is None:  # declined: wider than two digits serve, with outlier features
+        assert x.shape[0] > TWO_DIGIT_ROWS, what
+        return recomputed
+    got, total = screened
     assert torch.equal(got, exact(x, head)), what
     assert torch.equal(got, head(x).argmax(dim=-1)), what
-    served_whole = x.shape[0] > TWO_DIGIT_ROWS and recomputed.eq(-1).all()
-    assert served_whole or ((recomputed >= 1) & (recomputed <= head.weight.shape[0])).all(), what
+    assert ((recomputed >= 1) & (recomputed <= head.weight.shape[0])).all(), what
+    assert total == int(recomputed.sum()), what
     return recomputed
 
 
@@ -103,10 +107,10 @@ def test_the_bound_covers_logits_the_eight_bits_put_in_the_wrong_order():
     def served(w: torch.Tensor, x: torch.Tensor, rows: int = 1) -> int:
         head = native.ScreenedHead(w.bfloat16())
         xs = x.bfloat16()[None].repeat(rows, 1)
-        recomputed = torch.empty(rows, dtype=torch.int64)
-        got = native.screened_argmax(xs, head, recomputed)
-        assert torch.equal(got, exact(xs, head)) and recomputed.min() >= 1  # screened, not whole
-        return int(got[0])
+        screened = native.screened_argmax(xs, head)
+        assert screened is not None
+        assert torch.equal(screened[0], exact(xs, head))
+        return int(screened[0][0])
 
     h = 64  # the weights' step: scale 1, row 20's estimate 127 against row 3's exact 154
     w = torch.zeros(40, h)
@@ -148,10 +152,10 @@ def test_the_screen_recomputes_few_groups_on_ordinary_logits(h):
         limit = groups // 20 if n <= TWO_DIGIT_ROWS else groups // 8  # one digit: twice as wide
         assert recomputed.min() >= 1 and recomputed.float().median() <= groups // 20, (kind, n)
         assert recomputed.max() <= limit, (kind, n, recomputed.tolist())
-    # Wider than two digits serve, a row with outlier features: the bf16 kernel serves all.
-    x = activations("gaussian", 9, h, g)
-    x[4, 2] = 1000.0
-    assert check_rows(x, head, "outlier row").eq(-1).all()
+    # Wider than two digits serve, a row with outlier features: declined, for the bf16 kernel.
+    x = activations("gaussian", TWO_DIGIT_ROWS + 1, h, g)
+    x[2, 2] = 1000.0
+    assert native.screened_argmax(x, head) is None
 
 
 def test_the_screen_is_the_weight_in_eight_bits():
@@ -171,14 +175,29 @@ def test_the_screen_is_the_weight_in_eight_bits():
         native.ScreenedHead(torch.randn(7, 6).bfloat16())  # H not a multiple of 4
 
 
-def test_the_native_backend_serves_greedy_rows_from_the_screen(tmp_path):
+def test_the_native_backend_serves_greedy_rows_from_the_screen(tmp_path, monkeypatch):
+    """The native backend's greedy rows take the screen, and each mode (two digits, one) stands
+    aside for a while after a call whose bound admitted too much of the head."""
     make_checkpoint(tmp_path / "ck", preset="tiny", seed=5, vocab_size=4099)
     model = load_model(str(tmp_path / "ck"), dtype=torch.bfloat16, kernels="native-cpu")
-    head = model.weights.unembedding_prepacked
+    ops, w = model.kernels, model.weights
+    head = w.unembedding_prepacked
     assert isinstance(head, native.ScreenedHead)
-    held = head.nbytes
-    assert model.weights_nbytes() >= held + model.weights.embedding.numel() * 2
-    x = torch.randn(2 * TWO_DIGIT_ROWS, head.in_features).bfloat16()
-    for n in (1, 3, TWO_DIGIT_ROWS, 2 * TWO_DIGIT_ROWS):
-        ids = model.kernels.lm_head_argmax(x[:n], model.weights)
-        assert torch.equal(ids, model.kernels.argmax(model.kernels.lm_head(x[:n], model.weights)))
+    assert model.weights_nbytes() >= head.nbytes + w.embedding.numel() * 2
+    calls = []
+    screened_argmax = native.screened_argmax
+    monkeypatch.setattr(native, "screened_argmax", lambda *a: calls.append(a) or screened_argmax(*a))
+    x = torch.randn(4 * TWO_DIGIT_ROWS, head.in_features).bfloat16()
+    for n in (1, 3, TWO_DIGIT_ROWS, 4 * TWO_DIGIT_ROWS):
+        assert torch.equal(ops.lm_head_argmax(x[:n], w), ops.argmax(ops.lm_head(x[:n], w)))
+    assert len(calls) == 4
+
+    assert head.weight.shape[0] > ops.SCREEN_MIN_RECOMPUTED_GROUPS  # so that a pause can come
+    zero = torch.zeros(2, head.in_features).bfloat16()  # every logit 0: every group recomputed
+    assert ops.lm_head_argmax(zero, w).tolist() == [0, 0]
+    for _ in range(ops.SCREEN_PAUSE_CALLS):  # two-digit calls served by the bf16 kernel
+        assert torch.equal(ops.lm_head_argmax(x[:2], w), ops.argmax(ops.lm_head(x[:2], w)))
+    ops.lm_head_argmax(x, w)  # the one-digit mode was not paused
+    assert len(calls) == 6
+    ops.lm_head_argmax(x[:2], w)  # tried again
+    assert len(calls) == 7

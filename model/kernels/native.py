@@ -43,6 +43,9 @@ NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
 # prepared weight; weights left plain (fp32 models) take its F.linear.
 
 
+SCREEN_TWO_DIGIT_ROWS = 4  # head.cpp's kTwoDigitRows: wider calls screen with one digit
+
+
 @dataclass
 class NativeExperts(ExpertWeights):
     """One layer's experts as the native kernel reads them: the biases as loaded and the
@@ -63,6 +66,8 @@ class NativeCpuKernels(ReferenceKernels):
         self.bf16_dot = native_cpu.bf16_dot_available()
         # The dtypes whose decode attention runs in the kernel (a bench may narrow it to A/B).
         self.attention_dtypes = NATIVE_ATTENTION_BF16_DOT_DTYPES if self.bf16_dot else NATIVE_ATTENTION_DTYPES
+        # Calls left before the head's screen is tried again, per mode (two digits or one).
+        self._screen_paused = {True: 0, False: 0}
 
     def prepare_experts(self, experts: ExpertWeights, config: ModelConfig) -> ExpertWeights:
         if not experts.packed:
@@ -92,9 +97,9 @@ class NativeCpuKernels(ReferenceKernels):
         w = weights.unembedding
         if self._interleaves(w):
             # The 8-bit screen beside the bf16 copy (half its size again) for greedy rows: on the
-            # AMD EPYC, 2026-12-07, 0.50-0.56 of the fused argmax's time at 1-4 rows on the small
-            # preset's [201088, 640] head and 0.54-0.68 on the 20b's, 0.8 at 8-16 rows, 0.66 at 64
-            # (bench/linear_kernel.py).
+            # AMD EPYC, 2026-12-07, 0.51-0.54 of the fused argmax's time at 1-4 rows on the small
+            # preset's [201088, 640] head and 0.52-0.56 at 1-2 on the 20b's; 0.75 at 16 rows and
+            # 0.66 at 64 on the small one (bench/linear_kernel.py).
             screens = self.native_cpu.screen_available() and w.shape[1] % 4 == 0
             kind = self.native_cpu.ScreenedHead if screens else self.native_cpu.InterleavedLinear
             weights.unembedding_prepacked = kind(w)
@@ -103,11 +108,37 @@ class NativeCpuKernels(ReferenceKernels):
 
     def lm_head_argmax(self, x: torch.Tensor, weights: ModelWeights) -> torch.Tensor:
         head = weights.unembedding_prepacked
-        if isinstance(head, self.native_cpu.ScreenedHead):
-            return self.native_cpu.screened_argmax(x, head)
+        if isinstance(head, self.native_cpu.ScreenedHead) and self._screens(x.shape[0]):
+            screened = self.native_cpu.screened_argmax(x, head)
+            if screened is not None:
+                ids, recomputed = screened
+                self._judge_screen(x.shape[0], recomputed, head.weight.shape[0])
+                return ids
         if isinstance(head, self.native_cpu.InterleavedLinear):
             return self.native_cpu.linear_interleaved(x, head, argmax=True)  # no logits written
         return super().lm_head_argmax(x, weights)
+
+    # The screen pays only while its bound admits few groups of the head, which depends on the
+    # model's logits: random weights at the 20b's width admitted 30-40% of the groups with one
+    # digit (2.5-2.9x the bf16 kernel's time), the small preset's under 1%. So each mode (two
+    # digits: up to 4 rows; one: wider) watches what it recomputes on this model and stands
+    # aside for SCREEN_PAUSE_CALLS calls after a call that recomputed more than this fraction
+    # of the head per row (and more than a few groups: a small head costs nothing either way).
+    SCREEN_MAX_RECOMPUTED = 1 / 32
+    SCREEN_MIN_RECOMPUTED_GROUPS = 64
+    SCREEN_PAUSE_CALLS = 256
+
+    def _screens(self, rows: int) -> bool:
+        mode = rows <= SCREEN_TWO_DIGIT_ROWS
+        if self._screen_paused[mode] > 0:
+            self._screen_paused[mode] -= 1
+            return False
+        return True
+
+    def _judge_screen(self, rows: int, recomputed: int, groups: int) -> None:
+        per_row = max(groups * self.SCREEN_MAX_RECOMPUTED, self.SCREEN_MIN_RECOMPUTED_GROUPS)
+        if recomputed > rows * per_row:
+            self._screen_paused[rows <= SCREEN_TWO_DIGIT_ROWS] = self.SCREEN_PAUSE_CALLS
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bf16_dot and logits.dtype in NATIVE_DTYPES and logits.device.type == "cpu":

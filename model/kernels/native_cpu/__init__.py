@@ -275,25 +275,23 @@ class ScreenedHead(InterleavedLinear):
 
 def screened_argmax(
     x: torch.Tensor, head: ScreenedHead, recomputed: torch.Tensor | None = None
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, int] | None:
     """``linear_interleaved(x, head, argmax=True)``'s tokens (int64 [N]), bit for bit, for bf16
     x [N, H], read through the head's 8-bit screen: every logit within a proven bound, then only
     the groups of 16 outputs that can hold the maximum recomputed exactly (all of them when the
-    bound says nothing: NaN or inf in x, flat logits). Up to 8 rows, activations in two 8-bit
-    digits; wider calls in one (half the products), unless a row has outlier features, and then
-    the bf16 kernel serves them whole (``recomputed`` then reads -1). ``recomputed`` (int64
-    [N]), when given, receives how many groups each row recomputed. Raises RuntimeError without
-    AVX-512 VNNI."""
+    bound says nothing: NaN or inf in x, flat logits). Returns the tokens and how many groups
+    were recomputed in all (``recomputed``, int64 [N], when given, gets them per row).
+
+    Up to 4 rows, activations in two 8-bit digits; wider calls in one (half the products),
+    unless a row has outlier features: then nothing is computed and None comes back (the bf16
+    kernel serves those rows better). Raises RuntimeError without AVX-512 VNNI."""
     if not screen_available():
         raise RuntimeError("screened_argmax needs the native kernels with AVX-512 VNNI")
     x = x.contiguous()
     ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     op = torch.ops.gptoss_native.screened_argmax
-    if op(x, head.weight, head.screen, head.scale, head.l1, head.out_features, ids, recomputed):
-        return ids
-    if recomputed is not None:
-        recomputed.fill_(-1)
-    return linear_interleaved(x, head, argmax=True)
+    total = op(x, head.weight, head.screen, head.scale, head.l1, head.out_features, ids, recomputed)
+    return None if total < 0 else (ids, total)
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:

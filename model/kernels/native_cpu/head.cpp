@@ -17,7 +17,7 @@
 // activations), and l1_v = sum_j |W[v, j]| rounded up.
 //
 // The bound. Per row, x is quantized in two signed digits, x ~ x' = dx (a1 + a2 / 128) with
-// dx = max |x| / 127, a1 in [-127, 127], a2 in [-64, 64], so |x - x'| <= dx / 256. Past 8 rows,
+// dx = max |x| / 127, a1 in [-127, 127], a2 in [-64, 64], so |x - x'| <= dx / 256. Past 4 rows,
 // one digit (a2 = 0, |x - x'| <= dx / 2: the term below grows with max|x| / mean|x|, so only
 // rows without outlier features). The integer products are exact; the 128 of the unsigned
 // weights comes off as 128 sum(a). Then, with `step` dx / 256 or dx / 2,
@@ -47,13 +47,14 @@ using gptoss::Best;
 #define GPTOSS_THEAD __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")))
 
 constexpr int kChunk = 4;  // rows of x per pass over a group (2 accumulators each)
-// Above this many rows the screen's products are compute-bound (two VPDPBUSD per row and 64
-// bytes, as many as the bf16 kernel's VDPBF16PS), so wider calls use one digit: half the
-// products, for a bound about twice as wide, while x has no outlier features (below).
-constexpr int64_t kTwoDigitRows = 8;
+// Above this many rows two digits make the screen compute-bound (two VPDPBUSD per row and 64
+// bytes, as many as the bf16 kernel's VDPBF16PS; at 8 rows it lost to that kernel on the 20b's
+// head), so wider calls use one digit: half the products, for a bound about twice as wide,
+// while x has no outlier features (below).
+constexpr int64_t kTwoDigitRows = 4;
 // One digit only if every row's max|x| H / |x|_1 stays under this: the one-digit term l1_v dx / 2
 // grows with it (about 5 for Gaussian rows; a trained model's outlier features go far higher).
-// Wider calls with such rows are not screened at all (the op returns false): two digits there
+// Wider calls with such rows are not screened at all (the op returns -1): two digits there
 // cost more than the bf16 kernel's products.
 constexpr double kOneDigitPeakRatio = 8;
 
@@ -220,7 +221,7 @@ GPTOSS_LT512 void exact_group(const uint16_t* P, int64_t K2, const uint16_t* X, 
 }
 #endif
 
-bool screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& screen, const at::Tensor& scale,
+int64_t screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& screen, const at::Tensor& scale,
                      const at::Tensor& l1, int64_t vocab, at::Tensor& ids, const c10::optional<at::Tensor>& recomputed) {
   TORCH_CHECK(GPTOSS_LINEAR_X86 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"),
               "screened_argmax needs AVX-512 BF16 and VNNI");
@@ -241,7 +242,7 @@ bool screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool count = recomputed && recomputed->defined();
   TORCH_CHECK(!count || (recomputed->scalar_type() == at::kLong && recomputed->is_contiguous() && recomputed->numel() == N),
               "recomputed must be int64 [N]");
-  if (N == 0) return true;
+  if (N == 0) return 0;
 #if GPTOSS_LINEAR_X86
   const auto* X = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const auto* P = reinterpret_cast<const uint16_t*>(packed.data_ptr());
@@ -250,7 +251,7 @@ bool screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool two = N <= kTwoDigitRows;
   for (int64_t n = 0; n < N && !two; ++n) {
     const auto [amax, l1] = row_norms(X + n * H, H);
-    if (amax * H > kOneDigitPeakRatio * l1) return false;  // a NaN row is recomputed whole anyway
+    if (amax * H > kOneDigitPeakRatio * l1) return -1;  // a NaN row is recomputed whole anyway
   }
   // The digits of chunk c (rows 4c..4c+3) at D + 4 c K4 * 8 ([K4][kChunk][2][4] bytes).
   std::vector<int8_t> D(((N + kChunk - 1) / kChunk) * kChunk * K4 * 8, 0);
@@ -308,8 +309,10 @@ bool screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Te
       if (m[n].index >= 0) best.offer(m[n].value, m[n].index);
     out[n] = best.index;
   }
+  return static_cast<int64_t>(items.size());
+#else
+  return -1;
 #endif
-  return true;
 }
 
 }  // namespace
@@ -317,6 +320,6 @@ bool screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Te
 TORCH_LIBRARY_FRAGMENT(gptoss_native, m) {
   m.def(
       "screened_argmax(Tensor x, Tensor packed, Tensor screen, Tensor scale, Tensor l1, int vocab, Tensor(a!) ids, "
-      "Tensor(b!)? recomputed) -> bool",
+      "Tensor(b!)? recomputed) -> int",
       &screened_argmax);
 }
