@@ -191,11 +191,15 @@ GPTOSS_INLINE void prefetch_block(const uint16_t* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
-// q [G][D] bf16; probs: scratch [G][n] bf16 probabilities (unnormalised).
-GPTOSS_A512 void gptoss_attend_bf16_dot(const Shape& sh, const uint16_t* q, const uint16_t* kh, const uint16_t* vh,
-                                        const int64_t* blocks, const bool* mask, const float* sink, float scale,
-                                        float* scores, uint16_t* probs, uint16_t* out) {
-  const int64_t n = sh.nblk * sh.bs, d = sh.d, g_count = sh.g, chunks = d / 32;
+// q [G][D] bf16; probs: scratch [G][n] bf16 probabilities (unnormalised). GW: G known at
+// compile time (gpt-oss has 8 query heads per KV head), or 0. With G fixed a head group's 8
+// accumulators stay in registers; with a run-time width they went through the stack, and
+// decode attention took 1.4-2.1x as long (bench/attention_kernel.py).
+template <int64_t GW>
+GPTOSS_A512 void attend_bf16_dot(const Shape& sh, const uint16_t* q, const uint16_t* kh, const uint16_t* vh,
+                                 const int64_t* blocks, const bool* mask, const float* sink, float scale,
+                                 float* scores, uint16_t* probs, uint16_t* out) {
+  const int64_t n = sh.nblk * sh.bs, d = sh.d, g_count = GW ? GW : sh.g, chunks = d / 32;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   float row_max[64], denom[64], dots[8];
   alignas(64) uint16_t order[32];  // order[dim] = the accumulator lane holding dim
@@ -291,6 +295,15 @@ GPTOSS_A512 void gptoss_attend_bf16_dot(const Shape& sh, const uint16_t* q, cons
       }
     }
   }
+}
+
+GPTOSS_A512 void gptoss_attend_bf16_dot(const Shape& sh, const uint16_t* q, const uint16_t* kh, const uint16_t* vh,
+                                        const int64_t* blocks, const bool* mask, const float* sink, float scale,
+                                        float* scores, uint16_t* probs, uint16_t* out) {
+  if (sh.g == 8)
+    attend_bf16_dot<8>(sh, q, kh, vh, blocks, mask, sink, scale, scores, probs, out);
+  else
+    attend_bf16_dot<0>(sh, q, kh, vh, blocks, mask, sink, scale, scores, probs, out);
 }
 #pragma GCC pop_options
 #endif
