@@ -12,6 +12,9 @@ only stores the tensors.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from .config import ModelConfig
@@ -40,8 +43,8 @@ class KVCache:
         for layer in range(config.num_layers):
             n = num_sliding_blocks if config.is_sliding(layer) else num_full_blocks
             shape = (config.num_kv_heads, n, block_size, config.head_dim)
-            self.k.append(torch.zeros(shape, dtype=dtype, device=self.device))
-            self.v.append(torch.zeros(shape, dtype=dtype, device=self.device))
+            self.k.append(lazy_zeros(shape, dtype, self.device))
+            self.v.append(lazy_zeros(shape, dtype, self.device))
 
     def num_blocks(self, layer: int) -> int:
         return self.num_sliding_blocks if self.config.is_sliding(layer) else self.num_full_blocks
@@ -61,3 +64,14 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor. On the CPU its pages come from an anonymous mapping, which the OS backs
+    with memory on first write: a cache sized for its worst case (1 GiB by default) then holds
+    resident only the blocks sequences have written, where ``torch.zeros`` would touch every
+    page at start. The tensor keeps the mapping alive."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if device.type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)

@@ -75,9 +75,13 @@ def load_model(
         t = files.get(name, shape)
         if to is None:
             _check_dtype(name, t, (torch.uint8,))
-            return t.to(device)
-        _check_dtype(name, t, FLOATS)
-        return t.to(device=device, dtype=to)
+            out = t.to(device)
+        else:
+            _check_dtype(name, t, FLOATS)
+            out = t.to(device=device, dtype=to)
+        if out.data_ptr() != t.data_ptr():  # a copy (another dtype or device): the file's pages can go
+            files.release(name)
+        return out
 
     if layout == "hf":
         names = _hf_names
@@ -97,6 +101,8 @@ def load_model(
             qkv_b = torch.cat(
                 [get(n["q.bias"], (c.q_dim,)), get(n["k.bias"], (c.kv_dim,)), get(n["v.bias"], (c.kv_dim,))]
             )
+            for key in ("q.weight", "k.weight", "v.weight"):  # read into the concatenation
+                files.release(n[key])
         else:
             qkv_w = get(n["qkv.weight"], (c.qkv_dim, h))
             qkv_b = get(n["qkv.bias"], (c.qkv_dim,))
@@ -132,14 +138,22 @@ def load_model(
     chosen = select_kernels(kernels, device, dtype, config, weights)
     model = GptOssModel(config, weights, dtype, chosen)
 
-    def release_experts(layer: int) -> None:
-        for key in ("mlp1.blocks", "mlp1.scales", "mlp2.blocks", "mlp2.scales"):
+    loaded = {
+        "experts": ("mlp1.blocks", "mlp1.scales", "mlp2.blocks", "mlp2.scales"),
+        "qkv": ("qkv.weight",) if layout != "hf" else (),  # the HF q, k, v went above
+        "out": ("out.weight",),
+        "unembedding": ("unembedding",),
+    }
+
+    def release(part: str, layer: int) -> None:
+        for key in loaded[part]:
             files.release(names(layer)[key])
 
     # The kernels' one-time preparation (reference: a no-op off the CPU or outside bf16).
-    # A backend that copies the packed experts into its own layout frees the mapped ones
-    # layer by layer: otherwise both stay resident (2 x 12 GB on the 20b).
-    model.prepack(released=release_experts)
+    # What a backend copies into its own layout is released from the mapping as it goes:
+    # otherwise both stay resident, the experts layer by layer (2 x 12 GB on the 20b), and
+    # the pages read while copying the head and projections (2.4 GB on the 20b).
+    model.prepack(released=release)
     return model
 
 

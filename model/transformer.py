@@ -59,24 +59,33 @@ class GptOssModel(torch.nn.Module):
         self.rope = YarnRope(config, self.device)
         self.kernels: Kernels = kernels if kernels is not None else ReferenceKernels(self.device, dtype)
 
-    def prepack(self, released: Callable[[int], None] | None = None) -> None:
+    def prepack(self, released: Callable[[str, int], None] | None = None) -> None:
         """Let the kernels put the experts and the unembedding in the form they read, once,
-        at load; ``released(i)`` is told, layer by layer, when layer i's packed experts as
-        loaded are no longer read (the backend copied them), so the loader can free them
-        before the next layer's copy. The reference prepacks dense experts and the unembedding for oneDNN where
+        at load; ``released(part, i)`` is told when a weight as loaded is no longer read (the
+        backend copied it: part ``experts``, ``qkv`` or ``out`` of layer i, layer by layer, or
+        ``unembedding`` with i = -1), so the loader can free it before the next copy. The reference prepacks dense experts and the unembedding for oneDNN where
         that path exists (bf16 on the CPU; see model/prepacked.py): same results, faster
         small-batch matmuls, and leaves the attention projections plain; the native CPU
         backend lays the bf16 projections and unembedding out for its own kernel."""
+
+        def release(part: str, i: int) -> None:  # the backend holds a copy of its own
+            if released is not None:
+                released(part, i)
+
         self.kernels.prepare_lm_head(self.weights)
+        if self.weights.unembedding_prepacked is not None:
+            release("unembedding", -1)
         for i, layer in enumerate(self.weights.layers):
-            if isinstance(layer.qkv_weight, torch.Tensor):
-                layer.qkv_weight = self.kernels.prepare_linear(layer.qkv_weight)
-            if isinstance(layer.out_weight, torch.Tensor):
-                layer.out_weight = self.kernels.prepare_linear(layer.out_weight)
+            for part in ("qkv", "out"):
+                loaded = getattr(layer, f"{part}_weight")
+                if isinstance(loaded, torch.Tensor):
+                    setattr(layer, f"{part}_weight", self.kernels.prepare_linear(loaded))
+                    if getattr(layer, f"{part}_weight") is not loaded:
+                        release(part, i)
             before = layer.experts.mlp1_blocks
             layer.experts = self.kernels.prepare_experts(layer.experts, self.config)
-            if released is not None and before is not None and layer.experts.mlp1_blocks is not before:
-                released(i)  # the backend holds a copy of its own: the loaded one can go
+            if before is not None and layer.experts.mlp1_blocks is not before:
+                release("experts", i)
 
     def weights_nbytes(self) -> int:
         """Bytes of all weight tensors as held (packed experts count at 4.25 bits)."""

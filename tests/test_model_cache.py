@@ -178,6 +178,25 @@ def test_kv_cache_shapes_and_block_bytes():
     assert cache.nbytes() == 7 * full + 3 * sliding
 
 
+def resident_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+
+
+def test_the_cpu_kv_cache_is_zeros_resident_only_where_written():
+    """A 1 GiB cache costs (almost) no resident memory until blocks are written, reads as
+    zeros, and a written block holds what was written."""
+    cfg = ModelConfig(num_layers=2, num_kv_heads=8, head_dim=64)
+    before = resident_anon_bytes()
+    cache = KVCache(cfg, block_size=16, num_full_blocks=16384, num_sliding_blocks=16384)
+    assert cache.nbytes() >= 1 << 30
+    assert resident_anon_bytes() - before < 64 << 20
+    k = cache.k[0]
+    assert k.is_contiguous() and k.dtype == torch.bfloat16 and not k[:, ::997].any()
+    k[:, 7] = 1.5
+    assert k[:, 7].eq(1.5).all() and not k[:, 8].any() and not cache.v[0][:, 7].any()
+
+
 def test_query_tiles_give_the_same_logits(small_model, monkeypatch):
     """Long prefills are attended in row tiles (bounded score memory); tiny tiles, each
     reading only its visible keys, must give what one big tile gives."""
