@@ -282,58 +282,6 @@ def test_second_process_loads_the_cached_build():
     assert info["path"] == native_cpu.build_info()["path"]
 
 
-def test_loading_releases_the_mapped_weights_a_copy_replaced(tmp_path, monkeypatch):
-    """What the model holds a copy of is freed from the checkpoint's mapping as the copy is
-    made (else both stay resident: 2 x 12 GB of experts on the 20b, 2.4 GB of head and
-    projections): the native backend's experts, projections and head, the HF q/k/v once
-    concatenated, every tensor converted to another dtype. Nothing still read is released
-    (the embedding; the reference's experts and projections in bf16), and a released view
-    read again faults its pages back from the file."""
-    from model.batch import BatchMetadata
-    from model.checkpoint import make_checkpoint
-    from model.loader import load_model
-    from model.safetensors_reader import SafetensorsDir
-
-    ckpt = make_checkpoint(tmp_path / "ck", preset="tiny", layout="hf", seed=4)
-    released: list[str] = []
-    plain = SafetensorsDir.release
-    monkeypatch.setattr(
-        SafetensorsDir, "release", lambda self, name: (released.append(name), plain(self, name))
-    )
-
-    def parts(names: list[str]) -> set[str]:
-        return {n.split(".")[-2] if n.endswith(".weight") else n.split(".")[-1] for n in names}
-
-    native = load_model(ckpt, torch.bfloat16, "cpu", kernels="native-cpu")
-    layers_n = native.config.num_layers
-    experts = [n for n in released if n.endswith(("_blocks", "_scales"))]
-    assert len(experts) == len(set(experts)) == 4 * layers_n
-    assert {"q_proj", "k_proj", "v_proj", "o_proj", "lm_head"} <= parts(released)
-    assert "embed_tokens" not in parts(released)
-
-    released.clear()
-    reference = load_model(ckpt, torch.bfloat16, "cpu", kernels="reference")
-    assert not [n for n in released if n.endswith(("_blocks", "_scales"))]
-    assert {"q_proj", "k_proj", "v_proj"} <= parts(released)
-    assert not {"o_proj", "embed_tokens"} & parts(released)
-    w = reference.weights
-    if w.unembedding_prepacked is not None:  # the loaded head, read again after its release
-        x = torch.randn(3, native.config.hidden_size).bfloat16()
-        assert torch.equal(w.unembedding_prepacked(x), torch.nn.functional.linear(x, w.unembedding))
-
-    released.clear()
-    load_model(ckpt, torch.float32, "cpu", kernels="reference")  # bf16 on disk: every float copied
-    assert {"q_proj", "o_proj", "embed_tokens", "lm_head"} <= parts(released)
-
-    ids = torch.tensor([1, 2, 3])  # the native model still computes (its own copies)
-    meta = BatchMetadata(
-        positions=torch.arange(3), query_start=torch.tensor([0, 3]), context_lens=torch.tensor([0]),
-        full_block_table=None, sliding_block_table=None, logits_indices=torch.tensor([2]),
-        query_lens_cpu=[3], context_lens_cpu=[0],
-    )  # fmt: skip
-    assert torch.isfinite(native(ids, meta, None).float()).all()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("kv_heads", "group", "head_dim", "block"),
