@@ -195,6 +195,9 @@ def test_the_cpu_kv_cache_is_zeros_resident_only_where_written():
     assert k.is_contiguous() and k.dtype == torch.bfloat16 and not k[:, ::997].any()
     k[:, 7] = 1.5
     assert k[:, 7].eq(1.5).all() and not k[:, 8].any() and not cache.v[0][:, 7].any()
+    written = resident_anon_bytes()
+    cache.v[1][:, :4096] = 1.0  # 64 MiB of blocks: now resident
+    assert resident_anon_bytes() - written >= 48 << 20
 
 
 def test_query_tiles_give_the_same_logits(small_model, monkeypatch):
