@@ -191,6 +191,57 @@ GPTOSS_INLINE void prefetch_block(const uint16_t* p, int64_t bytes) {
   for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
 }
 
+// r[i] (16 dwords of row i) -> r[c] (dword c of rows 0..15, in row order): a 16x16 transpose.
+GPTOSS_INLINE void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// The scores of 16 consecutive keys (rows of `keys`, head size 64) for 8 query heads, without a
+// horizontal sum per key: the keys' bf16 pairs are transposed so that a lane holds one key, and
+// each VDPBF16PS adds one pair of dimensions of 16 keys for one head (q's pair broadcast).
+// Returns each head's 16 scores (times scale) in acc[g].
+GPTOSS_INLINE void scores_16keys(const uint16_t* keys, const uint16_t* q, float scale, __m512* acc) {
+  alignas(64) int32_t kt[32][16];  // kt[p] = dimension pair p of the 16 keys
+  for (int c = 0; c < 2; ++c) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(keys + i * 64 + 32 * c);
+    transpose16(r);
+    for (int p = 0; p < 16; ++p) _mm512_store_si512(kt[16 * c + p], r[p]);
+  }
+  for (int g = 0; g < 8; ++g) acc[g] = _mm512_setzero_ps();
+  for (int p = 0; p < 32; ++p) {
+    const __m512bh kp = (__m512bh)_mm512_load_si512(kt[p]);
+    for (int g = 0; g < 8; ++g) {
+      int32_t pair;
+      std::memcpy(&pair, q + g * 64 + 2 * p, 4);
+      acc[g] = _mm512_dpbf16_ps(acc[g], kp, (__m512bh)_mm512_set1_epi32(pair));
+    }
+  }
+  for (int g = 0; g < 8; ++g) acc[g] = _mm512_mul_ps(acc[g], _mm512_set1_ps(scale));
+}
+
 // q [G][D] bf16; probs: scratch [G][n] bf16 probabilities (unnormalised). GW: G known at
 // compile time (gpt-oss has 8 query heads per KV head), or 0. With G fixed a head group's 8
 // accumulators stay in registers; with a run-time width they went through the stack, and
@@ -207,10 +258,29 @@ GPTOSS_A512 void attend_bf16_dot(const Shape& sh, const uint16_t* q, const uint1
   const __m512i unpermute = _mm512_load_si512(order);
   for (int64_t g = 0; g < g_count; ++g) row_max[g] = sink[g];
   const int64_t block_bytes = sh.bs * d * 2;
+  // gpt-oss's shape (8 heads per KV head, head size 64) in whole tiles of 16 keys.
+  const bool tiles = GW == 8 && d == 64 && sh.bs % 16 == 0;
+  __m512 tile_max[8];
+  for (int64_t g = 0; g < 8; ++g) tile_max[g] = _mm512_set1_ps(kNegInf);
   for (int64_t j = 0; j < sh.nblk; ++j) {
     const uint16_t* kb = kh + blocks[j] * sh.bs * d;
     // Blocks lie anywhere in the cache, so the hardware prefetcher cannot guess the next one.
     if (j + 1 < sh.nblk) prefetch_block(kh + blocks[j + 1] * sh.bs * d, block_bytes);
+    if (tiles) {
+      for (int64_t s = 0; s < sh.bs; s += 16) {
+        const int64_t slot = j * sh.bs + s;
+        const __mmask16 live = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mask + slot)),
+                                                  _mm_set1_epi8(1));
+        __m512 acc[8];
+        scores_16keys(kb + s * d, q, scale, acc);
+        for (int64_t g = 0; g < 8; ++g) {
+          const __m512 sc = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), live, acc[g]);
+          _mm512_storeu_ps(scores + g * n + slot, sc);
+          tile_max[g] = _mm512_max_ps(tile_max[g], sc);
+        }
+      }
+      continue;
+    }
     for (int64_t s = 0; s < sh.bs; ++s) {
       const int64_t slot = j * sh.bs + s;
       if (!mask[slot]) {
@@ -236,6 +306,8 @@ GPTOSS_A512 void attend_bf16_dot(const Shape& sh, const uint16_t* q, const uint1
       }
     }
   }
+  if (tiles)
+    for (int64_t g = 0; g < 8; ++g) row_max[g] = std::max(row_max[g], _mm512_reduce_max_ps(tile_max[g]));
   // Probabilities 16 slots at a time (n is a whole number of even blocks; masked slots and
   // the -inf scores they hold give 0).
   for (int64_t g = 0; g < g_count; ++g) {
