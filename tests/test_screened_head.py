@@ -10,13 +10,13 @@ import torch
 
 from model.checkpoint import make_checkpoint
 from model.kernels import native_cpu as native
-from model.kernels.native import SCREEN_TWO_DIGIT_ROWS as TWO_DIGIT_ROWS
 from model.loader import load_model
 
 pytestmark = pytest.mark.skipif(
     not native.screen_available(), reason="this CPU has no AVX-512 VNNI (the screen's path)"
 )
 
+TWO_DIGIT_ROWS = native.SCREEN_TWO_DIGIT_ROWS
 ROWS = range(1, 2 * TWO_DIGIT_ROWS + 3)  # two digits up to TWO_DIGIT_ROWS, one digit past
 
 

@@ -43,9 +43,6 @@ NATIVE_ATTENTION_BF16_DOT_DTYPES = (torch.float32, torch.bfloat16)
 # prepared weight; weights left plain (fp32 models) take its F.linear.
 
 
-SCREEN_TWO_DIGIT_ROWS = 4  # head.cpp's kTwoDigitRows: wider calls screen with one digit
-
-
 @dataclass
 class NativeExperts(ExpertWeights):
     """One layer's experts as the native kernel reads them: the biases as loaded and the
@@ -129,7 +126,7 @@ class NativeCpuKernels(ReferenceKernels):
     SCREEN_PAUSE_CALLS = 256
 
     def _screens(self, rows: int) -> bool:
-        mode = rows <= SCREEN_TWO_DIGIT_ROWS
+        mode = rows <= self.native_cpu.SCREEN_TWO_DIGIT_ROWS
         if self._screen_paused[mode] > 0:
             self._screen_paused[mode] -= 1
             return False
@@ -138,7 +135,7 @@ class NativeCpuKernels(ReferenceKernels):
     def _judge_screen(self, rows: int, recomputed: int, groups: int) -> None:
         per_row = max(groups * self.SCREEN_MAX_RECOMPUTED, self.SCREEN_MIN_RECOMPUTED_GROUPS)
         if recomputed > rows * per_row:
-            self._screen_paused[rows <= SCREEN_TWO_DIGIT_ROWS] = self.SCREEN_PAUSE_CALLS
+            self._screen_paused[rows <= self.native_cpu.SCREEN_TWO_DIGIT_ROWS] = self.SCREEN_PAUSE_CALLS
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bf16_dot and logits.dtype in NATIVE_DTYPES and logits.device.type == "cpu":

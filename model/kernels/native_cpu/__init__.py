@@ -50,6 +50,7 @@ from .packed_experts import PackedExperts
 
 __all__ = [
     "ISAS",
+    "SCREEN_TWO_DIGIT_ROWS",
     "InterleavedLinear",
     "PackedExperts",
     "ScreenedHead",
@@ -237,6 +238,11 @@ def screen_available() -> bool:
 
 
 SCREEN_BUILD_ROWS = 16384  # outputs quantized at a time at load (an fp32 copy of these only)
+# Up to this many rows screened_argmax quantizes x in two digits; wider calls in one. Two
+# digits make the screen compute-bound past a few rows (two VPDPBUSD per row and 64 bytes, as
+# many instructions as the bf16 kernel's VDPBF16PS): at 8 rows it lost to that kernel on the
+# 20b's head (bench/linear_kernel.py, AMD EPYC, 2026-12-07).
+SCREEN_TWO_DIGIT_ROWS = 4
 
 
 class ScreenedHead(InterleavedLinear):
@@ -282,15 +288,25 @@ def screened_argmax(
     bound says nothing: NaN or inf in x, flat logits). Returns the tokens and how many groups
     were recomputed in all (``recomputed``, int64 [N], when given, gets them per row).
 
-    Up to 4 rows, activations in two 8-bit digits; wider calls in one (half the products),
-    unless a row has outlier features: then nothing is computed and None comes back (the bf16
-    kernel serves those rows better). Raises RuntimeError without AVX-512 VNNI."""
+    Up to SCREEN_TWO_DIGIT_ROWS rows, activations in two 8-bit digits; wider calls in one (half
+    the products), unless a row has outlier features: then nothing is computed and None comes
+    back (the bf16 kernel serves those rows better). Raises RuntimeError without AVX-512 VNNI."""
     if not screen_available():
         raise RuntimeError("screened_argmax needs the native kernels with AVX-512 VNNI")
     x = x.contiguous()
     ids = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     op = torch.ops.gptoss_native.screened_argmax
-    total = op(x, head.weight, head.screen, head.scale, head.l1, head.out_features, ids, recomputed)
+    total = op(
+        x,
+        head.weight,
+        head.screen,
+        head.scale,
+        head.l1,
+        head.out_features,
+        SCREEN_TWO_DIGIT_ROWS,
+        ids,
+        recomputed,
+    )
     return None if total < 0 else (ids, total)
 
 

@@ -17,7 +17,7 @@
 // activations), and l1_v = sum_j |W[v, j]| rounded up.
 //
 // The bound. Per row, x is quantized in two signed digits, x ~ x' = dx (a1 + a2 / 128) with
-// dx = max |x| / 127, a1 in [-127, 127], a2 in [-64, 64], so |x - x'| <= dx / 256. Past 4 rows,
+// dx = max |x| / 127, a1 in [-127, 127], a2 in [-64, 64], so |x - x'| <= dx / 256. Wider calls,
 // one digit (a2 = 0, |x - x'| <= dx / 2: the term below grows with max|x| / mean|x|, so only
 // rows without outlier features). The integer products are exact; the 128 of the unsigned
 // weights comes off as 128 sum(a). Then, with `step` dx / 256 or dx / 2,
@@ -47,11 +47,6 @@ using gptoss::Best;
 #define GPTOSS_THEAD __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni")))
 
 constexpr int kChunk = 4;  // rows of x per pass over a group (2 accumulators each)
-// Above this many rows two digits make the screen compute-bound (two VPDPBUSD per row and 64
-// bytes, as many as the bf16 kernel's VDPBF16PS; at 8 rows it lost to that kernel on the 20b's
-// head), so wider calls use one digit: half the products, for a bound about twice as wide,
-// while x has no outlier features (below).
-constexpr int64_t kTwoDigitRows = 4;
 // One digit only if every row's max|x| H / |x|_1 stays under this: the one-digit term l1_v dx / 2
 // grows with it (about 5 for Gaussian rows; a trained model's outlier features go far higher).
 // Wider calls with such rows are not screened at all (the op returns -1): two digits there
@@ -82,9 +77,9 @@ std::pair<double, double> row_norms(const uint16_t* x, int64_t H) {
 // Row x's digits into D[k][r][2] (4 digits of a1, then of a2, per 4 inputs k; a stride of
 // kChunk rows), so that a chunk's rows read one sequential stream. One digit: a2 = 0, and
 // |x - x'| <= dx / 2.
-ScreenRow quantize_row(const uint16_t* x, int64_t H, bool two_digits, int8_t* D) {
+ScreenRow quantize_row(const uint16_t* x, int64_t H, std::pair<double, double> norms, bool two_digits, int8_t* D) {
   ScreenRow r;
-  const auto [amax, l1] = row_norms(x, H);
+  const auto [amax, l1] = norms;
   r.finite = std::isfinite(amax);
   if (!r.finite) return r;
   r.dx = static_cast<float>(amax / 127);
@@ -222,7 +217,8 @@ GPTOSS_LT512 void exact_group(const uint16_t* P, int64_t K2, const uint16_t* X, 
 #endif
 
 int64_t screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& screen, const at::Tensor& scale,
-                     const at::Tensor& l1, int64_t vocab, at::Tensor& ids, const c10::optional<at::Tensor>& recomputed) {
+                     const at::Tensor& l1, int64_t vocab, int64_t two_digit_rows, at::Tensor& ids,
+                     const c10::optional<at::Tensor>& recomputed) {
   TORCH_CHECK(GPTOSS_LINEAR_X86 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni"),
               "screened_argmax needs AVX-512 BF16 and VNNI");
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(),
@@ -248,17 +244,20 @@ int64_t screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at:
   const auto* P = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   const auto* U = screen.data_ptr<uint8_t>();
   const int64_t K4 = H / 4;
-  const bool two = N <= kTwoDigitRows;
-  for (int64_t n = 0; n < N && !two; ++n) {
-    const auto [amax, l1] = row_norms(X + n * H, H);
-    if (amax * H > kOneDigitPeakRatio * l1) return -1;  // a NaN row is recomputed whole anyway
+  // Up to two_digit_rows rows, two digits (the caller's measured limit); wider, one.
+  const bool two = N <= two_digit_rows;
+  std::vector<std::pair<double, double>> norms(N);
+  for (int64_t n = 0; n < N; ++n) {
+    norms[n] = row_norms(X + n * H, H);
+    const auto [amax, l1] = norms[n];
+    if (!two && amax * H > kOneDigitPeakRatio * l1) return -1;  // a NaN row is recomputed whole anyway
   }
   // The digits of chunk c (rows 4c..4c+3) at D + 4 c K4 * 8 ([K4][kChunk][2][4] bytes).
   std::vector<int8_t> D(((N + kChunk - 1) / kChunk) * kChunk * K4 * 8, 0);
   std::vector<ScreenRow> rows;
   rows.reserve(N);
   for (int64_t n = 0; n < N; ++n)
-    rows.push_back(quantize_row(X + n * H, H, two, D.data() + (n / kChunk) * kChunk * K4 * 8 + (n % kChunk) * 8));
+    rows.push_back(quantize_row(X + n * H, H, norms[n], two, D.data() + (n / kChunk) * kChunk * K4 * 8 + (n % kChunk) * 8));
 
   // The screen: every group's highest upper bound per row, and per thread the lane-wise best
   // lower bounds.
@@ -319,7 +318,8 @@ int64_t screened_argmax(const at::Tensor& x, const at::Tensor& packed, const at:
 
 TORCH_LIBRARY_FRAGMENT(gptoss_native, m) {
   m.def(
-      "screened_argmax(Tensor x, Tensor packed, Tensor screen, Tensor scale, Tensor l1, int vocab, Tensor(a!) ids, "
+      "screened_argmax(Tensor x, Tensor packed, Tensor screen, Tensor scale, Tensor l1, int vocab, int two_digit_rows, "
+      "Tensor(a!) ids, "
       "Tensor(b!)? recomputed) -> int",
       &screened_argmax);
 }
