@@ -154,6 +154,12 @@ def load_model(
     # otherwise both stay resident, the experts layer by layer (2 x 12 GB on the 20b), and
     # the pages read while copying the head and projections (2.4 GB on the 20b).
     model.prepack(released=release)
+    # What the model still reads from the mapping (the embedding, biases; the reference's
+    # experts) is read ahead last, so that it is the page cache's newest. Never read at load,
+    # and with the experts streamed through the cache since, each first touch of a page would
+    # be a disk read: the embedding's rows cost 4-5 ms each on the 20b, 16 ms of a 231 ms
+    # batch-4 step.
+    files.read_ahead()
     return model
 
 

@@ -17,6 +17,8 @@ import torch
 
 from .safetensors_writer import SAFETENSORS_DTYPES
 
+READ_AHEAD_STEP = 2 << 20  # bytes per MADV_WILLNEED call (see read_ahead)
+
 # The format's dtype names, read side (the writer owns the table).
 DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
@@ -52,6 +54,7 @@ class SafetensorsDir:
             raise CheckpointError(f"no .safetensors files in {directory}")
         self.entries: dict[str, _Entry] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        self._views: dict[str, None] = {}  # handed out by get() and not released: in load order
         for f in files:
             self._read_header(f)
 
@@ -107,6 +110,7 @@ class SafetensorsDir:
         kernel backend copied into a layout of its own, which would otherwise stay resident
         beside the copy. The mapping is private and never written, so a later read of the
         view would only fault the pages back in from the file."""
+        self._views.pop(name, None)
         entry = self.entries.get(name)
         buf = self._maps.get(entry.file) if entry is not None else None
         if entry is None or buf is None:
@@ -116,6 +120,20 @@ class SafetensorsDir:
         end = entry.end // page * page
         if end > start:
             buf.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def read_ahead(self) -> None:
+        """Start reading every view still held (handed out by ``get`` and not released) into
+        the page cache (``MADV_WILLNEED``). A view read a few rows at a time, such as the
+        embedding, would otherwise pay a disk read at the first touch of each page that left
+        the cache. Asynchronous, and the pages count in no process's memory until read."""
+        page = mmap.PAGESIZE
+        for name in self._views:
+            entry = self.entries[name]
+            buf = self._maps[entry.file]
+            # Linux reads ahead at most a few MB per call (the device's readahead window), so
+            # a larger range goes in steps of 2 MB.
+            for start in range(entry.begin // page * page, entry.end, READ_AHEAD_STEP):
+                buf.madvise(mmap.MADV_WILLNEED, start, min(READ_AHEAD_STEP, entry.end - start))
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """The tensor as a zero-copy view of the mapped file; checks its shape if given."""
@@ -134,4 +152,5 @@ class SafetensorsDir:
         if count == 0:
             return torch.empty(entry.shape, dtype=dtype)
         flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=entry.begin)
+        self._views[name] = None
         return flat.view(entry.shape)

@@ -4,10 +4,13 @@ config round-trips."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
+import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +278,57 @@ def test_loading_releases_the_mapped_weights_a_copy_replaced(tmp_path, monkeypat
         query_lens_cpu=[3], context_lens_cpu=[0],
     )  # fmt: skip
     assert torch.isfinite(native(ids, meta, None).float()).all()
+
+
+def _cached_fraction(t: torch.Tensor) -> float:
+    """The share of a view's pages in the page cache (``mincore``), read or not."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    start = t.data_ptr() // page * page
+    n = -(-(t.data_ptr() + t.numel() * t.element_size() - start) // page)
+    vec = (ctypes.c_ubyte * n)()
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * page), vec) == 0, ctypes.get_errno()
+    return sum(b & 1 for b in vec) / n
+
+
+def _drop_from_page_cache(directory: Path) -> None:
+    for f in directory.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)  # only clean pages can be dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def _cached_soon(t: torch.Tensor) -> float:
+    deadline = time.monotonic() + 10
+    while (got := _cached_fraction(t)) < 0.99 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return got
+
+
+def test_read_ahead_brings_the_views_still_held_into_the_page_cache(tmp_path: Path) -> None:
+    """Every view got and not released is read ahead, whole (Linux reads at most a few MB
+    ahead per call); a released one is not."""
+    specs = [
+        TensorSpec(name, torch.int32, (4 << 20,), lambda: [torch.arange(4 << 20, dtype=torch.int32)])
+        for name in ("held", "released")
+    ]  # 16 MB each
+    write_safetensors(tmp_path / "model.safetensors", specs)
+    files = SafetensorsDir(tmp_path)
+    held, released = files.get("held"), files.get("released")
+    files.release("released")
+    _drop_from_page_cache(tmp_path)
+    assert _cached_fraction(held) < 0.1 and _cached_fraction(released) < 0.1
+    files.read_ahead()
+    assert _cached_soon(held) >= 0.99
+    assert _cached_fraction(released) < 0.5
+
+
+def test_loading_reads_ahead_what_the_model_reads_from_the_mapping(tmp_path: Path) -> None:
+    """The embedding stays a view of the file (a few rows read per step): after loading, its
+    pages are in the page cache, not left for a disk read at each row's first touch."""
+    ckpt = make_checkpoint(tmp_path / "ck", preset="tiny", layout="hf", seed=5)
+    _drop_from_page_cache(ckpt)
+    model = load_model(ckpt, torch.bfloat16, "cpu")
+    assert model.weights.embedding.numel() * 2 > 8 << 20  # past one read-ahead call
+    assert _cached_soon(model.weights.embedding) >= 0.99
