@@ -24,6 +24,7 @@ from engine.types import (
 )
 from model.checkpoint import make_checkpoint
 from model.loader import load_model
+from model.safetensors_reader import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +209,38 @@ def test_a_failing_step_ends_streams_with_an_error(ckpt: Path, model: torch.nn.M
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_the_model_loads_on_the_engine_thread(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start() loads the model on the engine thread, the only thread then to run torch's
+    parallel regions (GNU OpenMP stops spin-waiting once the idle pools of other threads
+    outnumber the CPUs); a load that fails raises from start() on the caller."""
+    import engine.async_engine as async_engine
+
+    loaded_on: list[str] = []
+
+    class Recorded(LLMEngine):
+        def __init__(self, cfg: EngineConfig) -> None:
+            loaded_on.append(threading.current_thread().name)
+            super().__init__(cfg)
+
+    monkeypatch.setattr(async_engine, "LLMEngine", Recorded)
+    engine = AsyncEngine(config(ckpt, dtype="float32"))
+    engine.start()
+    try:
+        assert loaded_on == ["engine-loop"] and engine.is_alive
+
+        async def main() -> list[RequestOutput]:
+            return await collect(
+                engine.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3))
+            )
+
+        assert asyncio.run(main())[-1].finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+    broken = AsyncEngine(config(ckpt.parent / "missing"))
+    for _ in range(2):  # and again: a failed start leaves nothing half-started
+        with pytest.raises(CheckpointError, match="missing"):
+            broken.start()
+        assert not broken.is_alive
