@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         fill = engine.sampler.fill_masks
         fill_s: list[float] = []
 
-        def timed_fill(seqs):
+        def timed_fill(seqs, masks):
             t = time.perf_counter()
             try:
-                return fill(seqs)
+                return fill(seqs, masks)
             finally:
                 fill_s.append(time.perf_counter() - t)
 

@@ -250,9 +250,9 @@ class LLMEngine:
                 seq.metrics.first_scheduled_time = now
         try:
             batch = self.runner.prepare(sched)
-            masks = self._start_masks(batch.sample_seqs)
+            pending = self._start_masks(batch.sample_seqs)
             # A batch of plain greedy rows needs only the argmax, which the LM head may fuse.
-            greedy = masks is None and Sampler.plain_greedy(batch.sample_seqs)
+            greedy = pending is None and Sampler.plain_greedy(batch.sample_seqs)
             t_fwd = time.perf_counter()
             logits = self.runner.forward(batch, greedy=greedy)
             if self.device.type == "cuda":  # so the timing split is real (the sampler syncs anyway)
@@ -262,7 +262,8 @@ class LLMEngine:
             if greedy:
                 sampled = SamplerOutput(logits.tolist(), [None] * len(batch.sample_seqs))
             else:
-                sampled = self.sampler(logits, batch.sample_seqs, masks.result() if masks else None)
+                masks = pending[0].keep(pending[1].result()) if pending else None
+                sampled = self.sampler(logits, batch.sample_seqs, masks)
             sampler_s = time.perf_counter() - t_sample
         except Exception as exc:  # fail this step's requests, keep the engine
             log.exception("engine step failed")
@@ -285,14 +286,15 @@ class LLMEngine:
         self.scheduler.step_budget.observe(sched.num_tokens, step_s)
         return outputs
 
-    def _start_masks(self, seqs: list[Sequence]) -> Future[TokenMasks | None] | None:
-        """The masks of this step's constrained rows, filling on the worker; None: no
-        constrained row, no mask work at all."""
-        if not any(s.params.constraint is not None for s in seqs):
+    def _start_masks(self, seqs: list[Sequence]) -> tuple[TokenMasks, Future[list[int]]] | None:
+        """The masks of this step's constrained rows, and their filling on the worker (the rows
+        that restrict); None: no constrained row, no mask work at all."""
+        masks = self.sampler.new_masks(seqs)
+        if masks is None:
             return None
         if self._mask_worker is None:
             self._mask_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-masks")
-        return self._mask_worker.submit(self.sampler.fill_masks, seqs)
+        return masks, self._mask_worker.submit(self.sampler.fill_masks, seqs, masks)
 
     def _append_token(
         self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float

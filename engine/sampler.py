@@ -42,6 +42,14 @@ class TokenMasks:
     rows: list[int]
     bits: torch.Tensor  # int32 [len(rows), ceil(V / 32)], on the CPU
 
+    def keep(self, kept: list[int]) -> TokenMasks | None:
+        """Only the rows (indices into ``rows``) whose constraint restricted this step."""
+        if not kept:
+            return None
+        if len(kept) == len(self.rows):
+            return self
+        return TokenMasks([self.rows[j] for j in kept], self.bits[kept])
+
 
 def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 [R, W] bitmasks -> bool [R, vocab_size] (bit t % 32 of word t // 32 = token t)."""
@@ -75,14 +83,22 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
-    def fill_masks(self, seqs: list[Sequence]) -> TokenMasks | None:
-        """Ask each constrained sequence for its mask (on the engine's mask worker)."""
+    def new_masks(self, seqs: list[Sequence]) -> TokenMasks | None:
+        """Zeroed bitmasks for this step's constrained rows, None without any. On the engine
+        thread: the mask worker runs no torch op of its own (see ``fill_masks``)."""
         rows = [i for i, s in enumerate(seqs) if s.params.constraint is not None]
-        bits = torch.zeros(len(rows), (self.vocab_size + 31) // 32, dtype=torch.int32)
-        kept = [j for j, i in enumerate(rows) if seqs[i].params.constraint.fill_mask(bits[j])]  # type: ignore[union-attr]
-        if not kept:
+        if not rows:
             return None
-        return TokenMasks([rows[j] for j in kept], bits[kept])
+        return TokenMasks(rows, torch.zeros(len(rows), (self.vocab_size + 31) // 32, dtype=torch.int32))
+
+    @staticmethod
+    def fill_masks(seqs: list[Sequence], masks: TokenMasks) -> list[int]:
+        """Ask each constrained sequence for its mask, on the engine's mask worker; -> the
+        indices into ``masks.rows`` of those that restrict this step (``TokenMasks.keep``).
+        Nothing here runs a torch kernel that could go parallel (the grammar library writes
+        through a pointer; the rest are scalar writes): the worker's own OpenMP pool would
+        stop GNU OpenMP's spin-wait for the engine thread (engine/async_engine.py)."""
+        return [j for j, i in enumerate(masks.rows) if seqs[i].params.constraint.fill_mask(masks.bits[j])]  # type: ignore[union-attr]
 
     @torch.inference_mode()
     def __call__(

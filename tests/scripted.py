@@ -108,8 +108,11 @@ class ScriptedSampler:
         self.sampler = sampler
         self.source = source
 
-    def fill_masks(self, seqs: list[EngineSequence]):
-        return self.sampler.fill_masks(seqs)
+    def new_masks(self, seqs: list[EngineSequence]):
+        return self.sampler.new_masks(seqs)
+
+    def fill_masks(self, seqs: list[EngineSequence], masks):
+        return self.sampler.fill_masks(seqs, masks)
 
     def __call__(self, logits: torch.Tensor, seqs: list[EngineSequence], masks=None) -> SamplerOutput:
         """``masks`` are ignored: a script says which tokens come, constrained or not."""

@@ -6,10 +6,12 @@ each, sampled as one continuous batch, as a server would)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jsonschema
 import pytest
+import torch
 from harmony_oracle import oracle_parse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -140,3 +142,30 @@ def test_a_batch_without_constraints_does_no_mask_work(tiny_checkpoint_dir):
     while engine.has_unfinished():
         engine.step()
     assert engine._mask_worker is None  # never created: no mask was ever asked for
+
+
+def _os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_the_mask_worker_runs_no_parallel_region(tiny_checkpoint_dir, compiler):
+    """The mask worker never enters an OpenMP parallel region: a pool of workers of its own
+    would outlive the step and stop GNU OpenMP's spin-wait for the engine thread for good
+    (engine/async_engine.py). Counted as OS threads: the worker adds itself, a pool would add
+    its OpenMP workers. 50 constrained rows make every mask tensor big enough to go parallel."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        engine = LLMEngine(
+            EngineConfig(model_dir=str(tiny_checkpoint_dir), kv_cache_memory=64 << 20, max_num_seqs=64)
+        )
+        engine.add_request("plain", [1, 2, 3], SamplingParams(max_tokens=2))
+        while engine.has_unfinished():
+            engine.step()  # this thread's own pool, if any, exists from here on
+        before = _os_threads()
+        calls = [CallRule("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}})]
+        run_batch(engine, compiler, TurnRules(None, calls, preambles=False, constrained=True), max_tokens=8)
+        assert engine._mask_worker is not None
+        assert _os_threads() == before + 1  # the mask worker alone
+    finally:
+        torch.set_num_threads(threads)

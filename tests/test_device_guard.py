@@ -24,7 +24,7 @@ HOST_BY_DESIGN = {
     ("model/layers.py", "YarnRope.__init__"): "frequencies in fp32 on the host, the same bits on every device, then moved",
     ("model/mxfp4.py", "_byte_pair_values"): "the decode table is built once on the host (exact), then cached per device",
     ("model/mxfp4.py", "_scale_values"): "the decode table is built once on the host (exact), then cached per device",
-    ("engine/sampler.py", "Sampler.fill_masks"): "the grammar library fills token masks in host memory on the mask worker",
+    ("engine/sampler.py", "Sampler.new_masks"): "the grammar library fills token masks in host memory on the mask worker",
 }  # fmt: skip
 
 
