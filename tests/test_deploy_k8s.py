@@ -9,34 +9,22 @@ that miss the pods, probes on the wrong port, a grace period shorter than the dr
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sysconfig
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import kubernetes_validate
 import kubernetes_validate.utils
 import pytest
 import yaml
+from deploy_files import K8S, ROOT, tool
 
 from engine.types import EngineStats
 from server.metrics import ServerMetrics
 from server.setting_values import parse_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
-K8S = ROOT / "deploy" / "k8s"
 # The oldest Kubernetes these manifests promise to work on, and the newest schemas shipped.
 K8S_VERSIONS = ("1.29.0", str(kubernetes_validate.utils.latest_version()))
 NOT_MANIFESTS = {"kustomization.yaml", "prometheus-adapter-values.yaml"}
-
-
-def tool(name: str) -> str:
-    """The dev extra's copy (next to this Python) first, then PATH."""
-    beside = Path(sysconfig.get_path("scripts")) / name
-    found = str(beside) if beside.is_file() else shutil.which(name)
-    assert found, f"{name} is missing: pip install -e '.[dev]'"
-    return found
 
 
 def kustomization() -> dict:

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_deploy import image_env  # noqa: E402  (the Dockerfile reader)
+from deploy_files import image_env  # noqa: E402  (the Dockerfile reader)
 
 
 def free_port() -> int:
