@@ -141,12 +141,12 @@ class AsyncEngine:
     async def _iterate(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
-            while True:
+            while not finished:
                 out = await stream.queue.get()
+                # Set before the yield: a consumer that stops at the last output (closing this
+                # generator there) has had everything, and an abort would only wait on the lock.
+                finished = out.finished
                 yield out
-                if out.finished:
-                    finished = True
-                    return
         finally:
             if not finished:  # the consumer went away (client disconnect): free the blocks
                 self.abort(request_id)

@@ -153,6 +153,19 @@ def test_abort_errors_and_disconnect(ckpt: Path, model: torch.nn.Module) -> None
                     break
                 await asyncio.sleep(0.01)
             assert engine.engine.block_manager.all_free()
+            # One that stops at the last output has had everything: no abort (nor its lock).
+            aborted: list[str] = []
+            plain_abort = engine.abort
+            engine.abort = lambda rid: (aborted.append(rid), plain_abort(rid))  # type: ignore[method-assign]
+            stream = engine.add_request("d", [4, 5, 6], SamplingParams(temperature=0, max_tokens=3))
+            async for out in stream:
+                if out.finished:
+                    break
+            await stream.aclose()
+            stream = engine.add_request("e", [4, 5, 6], long)
+            await stream.__anext__()
+            await stream.aclose()
+            assert aborted == ["e"]
 
         asyncio.run(main())
     finally:
