@@ -97,8 +97,12 @@ def row_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().amax(-1) / ref.abs().amax(-1)).max().item()
 
 
-# (isa cap, amx_min_rows): every path this machine can run.
-PATHS = [("generic", 4), ("avx2", 4), ("avx512_bf16", 4), ("avx512_vnni", 4), ("amx", 4), ("amx", 1)]
+# (isa cap, tile_min_rows): every path this machine can run; the dense tiles (AMX, or decoded
+# bf16 without it) at their default threshold and forced onto every expert.
+PATHS = [
+    ("generic", None), ("avx2", None), ("avx512_bf16", None), ("avx512_bf16", 1), ("avx512_vnni", None),
+    ("avx512_vnni", 1), ("amx", None), ("amx", 1),
+]  # fmt: skip
 SHAPES = [(96, 64, 5, 2), (128, 192, 8, 4)]  # hidden, intermediate, experts, top-k
 TOKENS = (1, 3, 17, 64, 200)
 
@@ -135,11 +139,11 @@ def cases(layers_by_shape) -> dict:
     return out
 
 
-@pytest.mark.parametrize("path", PATHS, ids=[f"{p}-min{m}" for p, m in PATHS])
+@pytest.mark.parametrize("path", PATHS, ids=[f"{p}-min{m or 'default'}" for p, m in PATHS])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"H{h}-I{i}-E{e}-k{k}" for h, i, e, k in SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_native_matches_reference(layers_by_shape, cases, path, shape, dtype):
-    isa, amx_min_rows = path
+    isa, tile_min_rows = path
     if not _runnable(isa):
         pytest.skip(f"this CPU runs at most {native_cpu.isa()}")
     h, i, _, _ = shape
@@ -148,7 +152,7 @@ def test_native_matches_reference(layers_by_shape, cases, path, shape, dtype):
     for t in TOKENS:
         x, weights, ids, ref, best = cases[h, dtype, t]
         got = native_cpu.moe_experts(
-            x, weights, ids, packed, alpha, limit, isa=isa, amx_min_rows=amx_min_rows
+            x, weights, ids, packed, alpha, limit, isa=isa, tile_min_rows=tile_min_rows
         )
         assert got.dtype == dtype and got.shape == x.shape
         if dtype == torch.float32:
@@ -233,9 +237,9 @@ def test_bf16_activations_of_any_range(layers_by_shape, isa):
         assert torch.equal(got[others], run(x)[others])
 
 
-def test_scales_outside_the_amx_range_fall_back_exactly():
-    """Scale bytes the AMX exponent trick cannot fold (0, 1, 253, 254) on all-zero blocks:
-    the layer is marked, runs on the AVX-512 path and still matches."""
+def test_scales_outside_the_foldable_range_fall_back_exactly():
+    """Scale bytes the tiles' exponent trick cannot fold (0, 1, 253, 254) on all-zero blocks:
+    the layer is marked, runs on the dot-product paths and still matches."""
     h, i, e, k = 64, 32, 3, 2
     experts = random_experts(e, h, i, seed=11)
     assert experts.mlp1_blocks is not None and experts.mlp1_scales is not None
@@ -243,14 +247,14 @@ def test_scales_outside_the_amx_range_fall_back_exactly():
         experts.mlp1_blocks[1, row, 0] = 0x88 if row % 2 else 0  # -0 / +0 nibbles
         experts.mlp1_scales[1, row, 0] = scale
     packed = native_cpu.PackedExperts.from_expert_weights(experts)
-    assert not packed.amx_safe
+    assert not packed.scales_foldable
     config = ModelConfig(hidden_size=h, intermediate_size=i, num_experts=e, experts_per_token=k)
     weights, ids = skewed_routing(40, e, k, seed=2)
     ids[:, 0] = 1
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(40, h).to(dtype)
         got = native_cpu.moe_experts(x, weights, ids, packed, config.swiglu_alpha, config.swiglu_limit,
-                                     amx_min_rows=1)  # fmt: skip
+                                     tile_min_rows=1)  # fmt: skip
         assert row_error(got, exact(x, weights, ids, experts, config)) < (
             1e-5 if dtype == torch.float32 else 2**-7
         )

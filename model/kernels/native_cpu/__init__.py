@@ -71,9 +71,12 @@ __all__ = [
     "unavailable_reason",
 ]
 
-# Below this many rows (tokens, times 3 for fp32) per expert, AMX tiles do not pay for their
-# setup and the AVX-512 BF16 dot-product path runs instead (measured: bench/moe_kernel.py).
+# From this many rows (tokens, times 3 for fp32) per expert, a row group is decoded once into
+# bf16 and multiplied as a dense tile. With AMX, its tiles pay from 4 rows (measured:
+# bench/moe_kernel.py). Without, AVX-512 BF16's register tile pays from about 64: 12-15%
+# faster than the int8 path at 128 rows on the 20b's shapes, even at 32, slower at 16.
 AMX_MIN_ROWS = 4
+DECODED_MIN_ROWS = 64
 
 
 def _isa_level(requested: str | None) -> int:
@@ -81,6 +84,10 @@ def _isa_level(requested: str | None) -> int:
     if cap not in ISAS:
         raise ValueError(f"unknown ISA {cap!r}; one of {', '.join(ISAS)}")
     return min(ISAS.index(cap), settled_isa())
+
+
+def _tile_min_rows(level: int) -> int:
+    return AMX_MIN_ROWS if level >= ISAS.index("amx") else DECODED_MIN_ROWS
 
 
 def isa() -> str:
@@ -100,16 +107,18 @@ def moe_experts(
     out: torch.Tensor | None = None,
     *,
     isa: str | None = None,
-    amx_min_rows: int = AMX_MIN_ROWS,
+    tile_min_rows: int | None = None,
 ) -> torch.Tensor:
     """sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for x [T, H] (fp32 or bf16, normed),
     weights [T, k] (fp32 routing weights), ids [T, k] (int64) -> [T, H] in x's dtype, written
     into ``out`` when given. expert_e(x) = mlp2_e(swiglu(mlp1_e(x) + b1_e)) + b2_e with
     gpt-oss's clamped SwiGLU. An expert may appear twice in a row of ``ids``. ``isa`` caps the
-    path (one of ``ISAS``; default: the best, or ``GPTOSS_NATIVE_MOE_ISA``). Raises
-    RuntimeError when the kernel is unavailable."""
+    path (one of ``ISAS``; default: the best, or ``GPTOSS_NATIVE_MOE_ISA``); ``tile_min_rows``,
+    the rows per expert from which its row groups are decoded once into a bf16 tile (default:
+    that path's measured threshold). Raises RuntimeError when the kernel is unavailable."""
     if not available():
         raise RuntimeError(f"native MoE kernel unavailable: {unavailable_reason()}")
+    level = _isa_level(isa)
     if x.dtype not in (torch.float32, torch.bfloat16):
         raise TypeError(f"x must be fp32 or bf16, got {x.dtype}")
     if x.dim() != 2 or x.shape[1] != packed.hidden_size:
@@ -132,9 +141,9 @@ def moe_experts(
         b2,
         float(swiglu_alpha),
         float(swiglu_limit),
-        _isa_level(isa),
-        packed.amx_safe,
-        int(amx_min_rows),
+        level,
+        packed.scales_foldable,
+        int(tile_min_rows if tile_min_rows is not None else _tile_min_rows(level)),
         out,
     )
     return out

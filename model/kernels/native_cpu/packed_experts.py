@@ -9,8 +9,8 @@ import torch
 if TYPE_CHECKING:
     from model.layers import ExpertWeights
 
-# Scale bytes the AMX path can fold into bf16 exponents exactly (see moe.cpp).
-_AMX_SCALE_RANGE = (2, 252)
+# Scale bytes the tiles (AMX, decoded bf16) can fold into bf16 exponents exactly (see moe.cpp).
+_FOLDABLE_SCALES = (2, 252)
 
 
 def _interleave_rows(blocks: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +58,8 @@ class PackedExperts:
         self.w2, self.s2 = _interleave_rows(mlp2_blocks, mlp2_scales)
         self._bias_source = (mlp1_bias.detach(), mlp2_bias.detach())
         self._biases: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        lo, hi = _AMX_SCALE_RANGE
-        self.amx_safe = all(int(s.min()) >= lo and int(s.max()) <= hi for s in (self.s1, self.s2))
+        lo, hi = _FOLDABLE_SCALES
+        self.scales_foldable = all(int(s.min()) >= lo and int(s.max()) <= hi for s in (self.s1, self.s2))
 
     @classmethod
     def from_expert_weights(cls, experts: ExpertWeights) -> PackedExperts:
