@@ -748,65 +748,63 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
   const float limit = static_cast<float>(pb.limit), alpha = static_cast<float>(pb.alpha);
 
   double tp1 = now();
-  // mlp1 + SwiGLU: one item = up to kQuad row groups of one expert, each 16 rows of [2I] (8
-  // gate/up pairs).
-  const int64_t nrg1 = R1 / kRows, nq1 = (nrg1 + kQuad - 1) / kQuad;
-  for_each_item(static_cast<int64_t>(active.size()) * nq1, [&](int64_t item, int64_t w) {
-    const int64_t e = active[item / nq1], rg0 = item % nq1 * kQuad, ng = std::min(kQuad, nrg1 - rg0);
-    const int64_t n = start[e + 1] - start[e], R = n * ns;
-    float* C = cbuf.data() + w * cstride;
-    const int64_t off = e * nrg1 + rg0;
-    run_groups(pb.isa, tile_for(R), decoded_for(R), pb.w1 + off * pb.G1 * kGroupBytes, pb.s1 + off * pb.G1 * kRows,
-               static_cast<int>(pb.G1), static_cast<int>(ng), xg + start[e] * ns * H, H, static_cast<int>(R), C,
-               int8 ? &xq : nullptr, start[e] * ns);
-    for (int64_t q = 0; q < ng; ++q) {
-      const int64_t rg = rg0 + q;
-      const float* Cq = C + q * R * kRows;
-      const float* bias = pb.b1 + e * R1 + rg * kRows;
-      for (int64_t j = 0; j < n; ++j) {
-        float h[kRows];
-        for (int c = 0; c < kRows; ++c) {
-          float v = Cq[(j * ns) * kRows + c];
-          for (int s = 1; s < ns; ++s) v += Cq[(j * ns + s) * kRows + c];
-          h[c] = v + bias[c];
-        }
-        uint16_t* dst = ag + (start[e] + j) * ns * I + rg * (kRows / 2);
-        for (int c = 0; c < kRows / 2; ++c) {
-          const float gate = std::min(h[2 * c], limit);
-          const float up = std::max(std::min(h[2 * c + 1], limit), -limit) + 1.0f;
-          const float sig = 1.0f / (1.0f + std::exp(-(gate * alpha)));
-          split_bf16(sig * gate * up, ns, dst + c, I);
-        }
-      }
-    }
-  });
+  // One matrix of every active expert (nrg row groups of 16 outputs each, against the rows of A
+  // from the expert's first): one item = `width` row groups of one expert (kQuad, the decoded
+  // tile's width, when some expert takes that tile; else one, the finer split decode steps
+  // keep), their products into the worker's C [ng][R][16], then epilogue(expert, row group,
+  // tokens, its C).
+  const int64_t width = decoded_for(max_rows) ? kQuad : 1;
+  auto products = [&](int64_t nrg, const uint8_t* W, const uint8_t* S, int64_t G, const uint16_t* A, int64_t lda,
+                      const Quantized* quant, const auto& epilogue) {
+    const int64_t nq = (nrg + width - 1) / width;
+    for_each_item(static_cast<int64_t>(active.size()) * nq, [&](int64_t item, int64_t w) {
+      const int64_t e = active[item / nq], rg0 = item % nq * width, ng = std::min(width, nrg - rg0);
+      const int64_t n = start[e + 1] - start[e], R = n * ns;
+      float* C = cbuf.data() + w * cstride;
+      const int64_t off = e * nrg + rg0;
+      run_groups(pb.isa, tile_for(R), decoded_for(R), W + off * G * kGroupBytes, S + off * G * kRows,
+                 static_cast<int>(G), static_cast<int>(ng), A + start[e] * ns * lda, lda, static_cast<int>(R), C,
+                 quant, start[e] * ns);
+      for (int64_t q = 0; q < ng; ++q) epilogue(e, rg0 + q, n, C + q * R * kRows);
+    });
+  };
+
+  // mlp1 + SwiGLU: a row group is 16 rows of [2I], 8 gate/up pairs.
+  products(R1 / kRows, pb.w1, pb.s1, pb.G1, xg, H, int8 ? &xq : nullptr,
+           [&](int64_t e, int64_t rg, int64_t n, const float* Cq) {
+             const float* bias = pb.b1 + e * R1 + rg * kRows;
+             for (int64_t j = 0; j < n; ++j) {
+               float h[kRows];
+               for (int c = 0; c < kRows; ++c) {
+                 float v = Cq[(j * ns) * kRows + c];
+                 for (int s = 1; s < ns; ++s) v += Cq[(j * ns + s) * kRows + c];
+                 h[c] = v + bias[c];
+               }
+               uint16_t* dst = ag + (start[e] + j) * ns * I + rg * (kRows / 2);
+               for (int c = 0; c < kRows / 2; ++c) {
+                 const float gate = std::min(h[2 * c], limit);
+                 const float up = std::max(std::min(h[2 * c + 1], limit), -limit) + 1.0f;
+                 const float sig = 1.0f / (1.0f + std::exp(-(gate * alpha)));
+                 split_bf16(sig * gate * up, ns, dst + c, I);
+               }
+             }
+           });
 
   if (int8) quantize_rows(ag, rows, I, aq);
   double tp2 = now();
-  // mlp2: one item = up to kQuad row groups of one expert, each 16 rows of [H].
-  const int64_t nrg2 = H / kRows, nq2 = (nrg2 + kQuad - 1) / kQuad;
-  for_each_item(static_cast<int64_t>(active.size()) * nq2, [&](int64_t item, int64_t w) {
-    const int64_t e = active[item / nq2], rg0 = item % nq2 * kQuad, ng = std::min(kQuad, nrg2 - rg0);
-    const int64_t n = start[e + 1] - start[e], R = n * ns;
-    float* C = cbuf.data() + w * cstride;
-    const int64_t off = e * nrg2 + rg0;
-    run_groups(pb.isa, tile_for(R), decoded_for(R), pb.w2 + off * pb.G2 * kGroupBytes, pb.s2 + off * pb.G2 * kRows,
-               static_cast<int>(pb.G2), static_cast<int>(ng), ag + start[e] * ns * I, I, static_cast<int>(R), C,
-               int8 ? &aq : nullptr, start[e] * ns);
-    for (int64_t q = 0; q < ng; ++q) {
-      const int64_t rg = rg0 + q;
-      const float* Cq = C + q * R * kRows;
-      const float* bias = pb.b2 + e * H + rg * kRows;
-      for (int64_t j = 0; j < n; ++j) {
-        float* dst = o + (start[e] + j) * H + rg * kRows;
-        for (int c = 0; c < kRows; ++c) {
-          float v = Cq[(j * ns) * kRows + c];
-          for (int s = 1; s < ns; ++s) v += Cq[(j * ns + s) * kRows + c];
-          dst[c] = v + bias[c];
-        }
-      }
-    }
-  });
+  // mlp2: a row group is 16 rows of [H].
+  products(H / kRows, pb.w2, pb.s2, pb.G2, ag, I, int8 ? &aq : nullptr,
+           [&](int64_t e, int64_t rg, int64_t n, const float* Cq) {
+             const float* bias = pb.b2 + e * H + rg * kRows;
+             for (int64_t j = 0; j < n; ++j) {
+               float* dst = o + (start[e] + j) * H + rg * kRows;
+               for (int c = 0; c < kRows; ++c) {
+                 float v = Cq[(j * ns) * kRows + c];
+                 for (int s = 1; s < ns; ++s) v += Cq[(j * ns + s) * kRows + c];
+                 dst[c] = v + bias[c];
+               }
+             }
+           });
 
   double tp3 = now();
   // out[t] = sum_j w[t, j] * o[pair(t, j)], in the reference's order (pairs by expert).
