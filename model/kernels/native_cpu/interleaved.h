@@ -1,7 +1,8 @@
-// What linear.cpp and head.cpp share: linear_interleaved's weight layout, its products (one or
-// two rows streamed, a register tile from three), and the argmax merge in torch's order. head.cpp
-// recomputes a group with the very product linear_interleaved uses at the same row count, so
-// its tokens are bit for bit that kernel's.
+// What linear.cpp, head.cpp and moe.cpp share: linear_interleaved's weight layout, its products
+// (one or two rows streamed, a register tile from three), and the argmax merge in torch's order.
+// head.cpp recomputes a group with the very product linear_interleaved uses at the same row
+// count, so its tokens are bit for bit that kernel's; moe.cpp runs the register tile on experts
+// decoded into that layout.
 #pragma once
 
 #include "bf16.h"
@@ -108,6 +109,20 @@ GPTOSS_LT512 GPTOSS_INLINE void tile_rows(const uint16_t* P, int64_t K2, const u
   }
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NG; ++j) acc[r][j] = a[r][j];
+}
+
+// tile_rows for nr (1 to 6) rows of x.
+template <int NG>
+GPTOSS_LT512 inline void tile_dispatch(int nr, const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
+                                       __m512 (*acc)[4]) {
+  switch (nr) {
+    case 6: tile_rows<6, NG>(P, K2, x, ldx, acc); break;
+    case 5: tile_rows<5, NG>(P, K2, x, ldx, acc); break;
+    case 4: tile_rows<4, NG>(P, K2, x, ldx, acc); break;
+    case 3: tile_rows<3, NG>(P, K2, x, ldx, acc); break;
+    case 2: tile_rows<2, NG>(P, K2, x, ldx, acc); break;
+    default: tile_rows<1, NG>(P, K2, x, ldx, acc); break;
+  }
 }
 
 #endif  // GPTOSS_LINEAR_X86

@@ -33,19 +33,6 @@ using gptoss::Best;
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
 
-template <int NG>
-GPTOSS_LT512 void tile_dispatch(int nr, const uint16_t* P, int64_t K2, const uint16_t* x, int64_t ldx,
-                                __m512 (*acc)[4]) {
-  switch (nr) {
-    case 6: gptoss::tile_rows<6, NG>(P, K2, x, ldx, acc); break;
-    case 5: gptoss::tile_rows<5, NG>(P, K2, x, ldx, acc); break;
-    case 4: gptoss::tile_rows<4, NG>(P, K2, x, ldx, acc); break;
-    case 3: gptoss::tile_rows<3, NG>(P, K2, x, ldx, acc); break;
-    case 2: gptoss::tile_rows<2, NG>(P, K2, x, ldx, acc); break;
-    default: gptoss::tile_rows<1, NG>(P, K2, x, ldx, acc); break;
-  }
-}
-
 // Groups [g0, g1) of outputs for every row of x: into y (bf16 [N, O]) or best[N].
 GPTOSS_LT512 void interleaved_range(const uint16_t* P, const uint16_t* X, const float* bias, int64_t N, int64_t H,
                                     int64_t O, int64_t g0, int64_t g1, uint16_t* y, Best* best) {
@@ -97,11 +84,11 @@ GPTOSS_LT512 void interleaved_range(const uint16_t* P, const uint16_t* X, const 
         __m512 acc[kTileRows][4];
         for (int j = 0; j < ng; ++j) {  // the tile's groups, or the range's last few one by one
           if (ng == kTileGroups) {
-            tile_dispatch<kTileGroups>(nr, P + g * K2 * 32, K2, X + n0 * H, H, acc);
+            gptoss::tile_dispatch<kTileGroups>(nr, P + g * K2 * 32, K2, X + n0 * H, H, acc);
             break;
           }
           __m512 one[kTileRows][4];
-          tile_dispatch<1>(nr, P + (g + j) * K2 * 32, K2, X + n0 * H, H, one);
+          gptoss::tile_dispatch<1>(nr, P + (g + j) * K2 * 32, K2, X + n0 * H, H, one);
           for (int r = 0; r < nr; ++r) acc[r][j] = one[r][0];
         }
         for (int r = 0; r < nr; ++r)

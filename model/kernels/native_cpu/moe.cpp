@@ -234,14 +234,7 @@ GPTOSS_T512 void tile_decoded(const uint8_t* W, const uint8_t* S, int G, const u
     __m512 acc[kTileRows][4];
     const uint16_t* a = A + r * lda;
     const int nr = std::min(kTileRows, R - r);
-    switch (nr) {
-      case 6: gptoss::tile_rows<6, NG>(base, K2, a, lda, acc); break;
-      case 5: gptoss::tile_rows<5, NG>(base, K2, a, lda, acc); break;
-      case 4: gptoss::tile_rows<4, NG>(base, K2, a, lda, acc); break;
-      case 3: gptoss::tile_rows<3, NG>(base, K2, a, lda, acc); break;
-      case 2: gptoss::tile_rows<2, NG>(base, K2, a, lda, acc); break;
-      default: gptoss::tile_rows<1, NG>(base, K2, a, lda, acc); break;
-    }
+    gptoss::tile_dispatch<NG>(nr, base, K2, a, lda, acc);
     for (int j = 0; j < NG; ++j)
       for (int i = 0; i < nr; ++i) _mm512_storeu_ps(C + (static_cast<int64_t>(j) * R + r + i) * kRows, acc[i][j]);
   }
