@@ -217,17 +217,21 @@ GPTOSS_T512 __attribute__((always_inline)) inline void decode_block(const uint8_
 // bf16 [K/2][16][2] (scales folded), then linear_interleaved's tile of 6 rows x NG groups over
 // them. C is [NG][R][16]. Measured against the int8 two-digit path (2 cores, AVX-512 VNNI):
 // 12-15% faster at 128 rows per expert on the 20b's shapes, even at 32, slower at 16.
+// ng consecutive row groups (G blocks each) decoded into this thread's buffer, 64-byte aligned:
+// [ng][G][512] bf16, valid until the thread's next call. For the AMX tiles and tile_decoded.
+GPTOSS_T512 const uint16_t* decode_groups(const uint8_t* W, const uint8_t* S, int G, int ng) {
+  static thread_local std::vector<uint16_t> storage;
+  storage.resize(static_cast<size_t>(ng) * G * 512 + 32);
+  uint16_t* base = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
+  for (int64_t b = 0; b < static_cast<int64_t>(ng) * G; ++b)  // block b: row group b / G, block b % G
+    decode_block(W + b * kGroupBytes, S + b * kRows, base + b * 512);
+  return base;
+}
+
 template <int NG>
 GPTOSS_T512 void tile_decoded(const uint8_t* W, const uint8_t* S, int G, const uint16_t* A, int64_t lda, int R,
                               float* C) {
-  static thread_local std::vector<uint16_t> storage;
-  const int64_t group = static_cast<int64_t>(G) * 512;
-  storage.resize(static_cast<size_t>(NG * group + 32));
-  uint16_t* base = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
-  for (int j = 0; j < NG; ++j)
-    for (int g = 0; g < G; ++g)
-      decode_block(W + (static_cast<int64_t>(j) * G + g) * kGroupBytes, S + (j * G + g) * kRows,
-                   base + j * group + static_cast<int64_t>(g) * 512);
+  const uint16_t* base = decode_groups(W, S, G, NG);
   const int64_t K2 = static_cast<int64_t>(G) * (kBlock / 2);
   constexpr int kTileRows = 6;
   for (int r = 0; r < R; r += kTileRows) {
@@ -502,14 +506,7 @@ GPTOSS_TAMX void tile(const uint8_t* W, const uint8_t* S, int G, const uint16_t*
   static const int mode = [] { const char* m = std::getenv("GPTOSS_AMX_MODE"); return m ? std::atoi(m) : 0; }();
   configure();
   const uint16_t* bcache = nullptr;
-  if (R > 64 || mode == 1) {  // several passes: decode the row group once
-    static thread_local std::vector<uint16_t> storage;
-    storage.resize(static_cast<size_t>(G) * 512 + 32);
-    uint16_t* base = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
-    for (int g = 0; g < G; ++g)
-      k512::decode_block(W + static_cast<int64_t>(g) * kGroupBytes, S + g * kRows, base + static_cast<int64_t>(g) * 512);
-    bcache = base;
-  }
+  if (R > 64 || mode == 1) bcache = k512::decode_groups(W, S, G, 1);  // several passes: decode once
   for (int r = 0; r < R; r += 64) {
     const int n = std::min(64, R - r);
     const uint16_t* a = A + r * lda;
