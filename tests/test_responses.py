@@ -11,55 +11,10 @@ import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
+from responses_script import APPLY_PATCH, MODEL, PATCH_TEXT, SCRIPT, WEATHER, post
 from server_process import ServerProcess
 
-MODEL = "gpt-oss-test"
 EVENTS = TypeAdapter(ResponseStreamEvent)
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}
-PATCH_TEXT = "*** Begin Patch\n*** Add File: hi.txt\n+hello\n*** End Patch"
-APPLY_PATCH = {
-    "type": "custom",
-    "name": "apply_patch",
-    "description": "Apply a patch to files",
-    "format": {"type": "grammar", "syntax": "lark", "definition": "start: /[\\s\\S]+/"},
-}
-SCRIPT = {
-    "rules": [
-        {
-            "match": "TOOLRESULT:sunny",
-            "output": "<|channel|>analysis<|message|>The tool says sunny.<|end|>"
-            "<|start|>assistant<|channel|>final<|message|>It is sunny in Paris.<|return|>",
-        },
-        {
-            "match": "SCRIPT:weather",
-            "output": "<|channel|>analysis<|message|>User wants the weather.<|end|>"
-            "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
-            '<|message|>{"city": "Paris"}<|call|>',
-        },
-        {
-            "match": "SCRIPT:patch",
-            "output": "<|channel|>analysis<|message|>Write the patch.<|end|>"
-            "<|start|>assistant<|channel|>commentary<|message|>Applying it.<|end|>"
-            "<|start|>assistant to=functions.apply_patch<|channel|>commentary<|message|>"
-            + PATCH_TEXT
-            + "<|call|>",
-        },
-        {
-            "match": "SCRIPT:shell",
-            "output": "<|channel|>analysis<|message|>Run it.<|end|>"
-            "<|start|>assistant to=functions.shell<|channel|>commentary <|constrain|>json"
-            '<|message|>{"cmd": "ls"}<|call|>',
-        },
-        {"match": "SCRIPT:long", "output": "<|channel|>final<|message|>tick ", "repeat": True},
-    ],
-    "default": "<|channel|>analysis<|message|>Thinking.<|end|>"
-    "<|start|>assistant<|channel|>final<|message|>Hello!<|return|>",
-}
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +30,6 @@ def server(tiny_checkpoint_dir, tmp_path_factory):
 @pytest.fixture()
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=30)
-
-
-def post(server, path: str, body: dict) -> httpx.Response:
-    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=30)
 
 
 def raw_events(server, body: dict) -> list[dict]:
@@ -398,50 +349,6 @@ def test_a_codex_shaped_request_streams_what_codex_reads(server):
     sealed_count = post(server, "/v1/responses/input_tokens", count).json()["input_tokens"]
     clear = {**count, "input": [*CODEX_BODY["input"], plain, call, result]}
     assert sealed_count == post(server, "/v1/responses/input_tokens", clear).json()["input_tokens"]
-
-
-def test_two_replicas_sharing_redis_continue_each_others_responses(tiny_checkpoint_dir, tmp_path):
-    """Two server processes behind one Redis (as replicas behind a load balancer): a response
-    made on one is continued, read, listed and deleted on the other."""
-    from redis_server import RedisServer
-
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps(SCRIPT))
-    redis = RedisServer.start()
-    args = ["--model", str(tiny_checkpoint_dir), "--served-model-name", MODEL, "--kv-cache-memory", "64MiB",
-            "--max-model-len", "2048", "--response-store", redis.url, "--reasoning-encryption-key", "shared"]  # fmt: skip
-    try:
-        with ServerProcess(args, script=script) as a, ServerProcess(args, script=script) as b:
-            first = post(a, "/v1/responses", {"input": "SCRIPT:weather", "tools": [WEATHER]}).json()
-            call = first["output"][-1]
-            result = {
-                "type": "function_call_output",
-                "call_id": call["call_id"],
-                "output": "TOOLRESULT:sunny",
-            }
-            second = post(
-                b,
-                "/v1/responses",
-                {"input": [result], "tools": [WEATHER], "previous_response_id": first["id"]},
-            )
-            assert second.status_code == 200
-            assert second.json()["output"][-1]["content"][0]["text"] == "It is sunny in Paris."
-            assert httpx.get(f"{a.url}/v1/responses/{second.json()['id']}").json()["status"] == "completed"
-            assert httpx.delete(f"{b.url}/v1/responses/{first['id']}").json()["deleted"] is True
-            assert httpx.get(f"{a.url}/v1/responses/{first['id']}").status_code == 404
-            # Sealed reasoning made on one replica opens on the other (one shared key).
-            sealed = post(
-                a,
-                "/v1/responses",
-                {"input": "hi", "store": False, "include": ["reasoning.encrypted_content"]},
-            )
-            reasoning = sealed.json()["output"][0]
-            back = post(
-                b, "/v1/responses/input_tokens", {"input": [reasoning, {"role": "user", "content": "more"}]}
-            )
-            assert back.status_code == 200
-    finally:
-        redis.stop()
 
 
 def test_truncation_auto_drops_the_oldest_items_until_it_fits(server):
