@@ -237,6 +237,27 @@ def test_bf16_activations_of_any_range(layers_by_shape, isa):
         assert torch.equal(got[others], run(x)[others])
 
 
+@pytest.mark.parametrize("isa", [i for i in native_cpu.ISAS if native_cpu.available() and _runnable(i)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gates_past_exps_range_give_finite_outputs(layers_by_shape, isa, dtype):
+    """Tokens of magnitude 1e3 to 1e36 make mlp1's gates up to ~1e37 (finite): the sigmoid
+    of a gate that negative is 0 (its exp overflows to inf), the SwiGLU's output 0, and the
+    token's output finite and as accurate as any other's, on every path (the vector exp past
+    its range included)."""
+    h, i, e, k = SHAPES[1]
+    experts, packed = layers_by_shape[h, i]
+    config = ModelConfig(hidden_size=h, intermediate_size=i, num_experts=e, experts_per_token=k)
+    g = torch.Generator().manual_seed(22)
+    x = torch.randn(12, h, generator=g) * torch.logspace(3, 36, 12)[:, None]
+    x = x.to(dtype)
+    weights, ids = skewed_routing(12, e, k, seed=5)
+    got = native_cpu.moe_experts(x, weights, ids, packed, config.swiglu_alpha, config.swiglu_limit, isa=isa)
+    assert torch.isfinite(got).all()
+    assert row_error(got, exact(x, weights, ids, experts, config)) < (
+        2**-7 if dtype == torch.bfloat16 else 1e-5
+    )
+
+
 def test_scales_outside_the_foldable_range_fall_back_exactly():
     """Scale bytes the tiles' exponent trick cannot fold (0, 1, 253, 254) on all-zero blocks:
     the layer is marked, runs on the dot-product paths and still matches."""

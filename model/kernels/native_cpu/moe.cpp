@@ -98,6 +98,31 @@ const DequantTable& dequant_table() {
   return table;
 }
 
+// The clamped SwiGLU of mlp1's output (model.layers.swiglu): h interleaves gate (even) and up
+// (odd); gate is clamped above, up both sides and gets + 1.
+inline float swiglu(float gate, float up, float alpha, float limit) {
+  gate = std::min(gate, limit);
+  up = std::max(std::min(up, limit), -limit) + 1.0f;
+  const float sig = 1.0f / (1.0f + std::exp(-(gate * alpha)));
+  return sig * gate * up;
+}
+
+// mlp1's epilogue for n tokens and one row group: C [n * ns][16] (each token's ns virtual rows)
+// summed, plus the bias, then the 8 gate/up pairs through the SwiGLU into dst (token j at
+// dst + j * ns * ld, its ns bf16 parts ld apart).
+void swiglu_rows(const float* C, int64_t n, int ns, const float* bias, float alpha, float limit, uint16_t* dst,
+                 int64_t ld) {
+  for (int64_t j = 0; j < n; ++j) {
+    float h[kRows];
+    for (int c = 0; c < kRows; ++c) {
+      float v = C[(j * ns) * kRows + c];
+      for (int s = 1; s < ns; ++s) v += C[(j * ns + s) * kRows + c];
+      h[c] = v + bias[c];
+    }
+    for (int c = 0; c < kRows / 2; ++c) split_bf16(swiglu(h[2 * c], h[2 * c + 1], alpha, limit), ns, dst + j * ns * ld + c, ld);
+  }
+}
+
 namespace generic {
 #include "tile_generic.h"
 }  // namespace generic
@@ -259,6 +284,61 @@ GPTOSS_T512 void tile(const uint8_t* W, const uint8_t* S, int G, const uint16_t*
     case 6: dp_rows<6>(W, S, G, a, lda, c); break;
     case 7: dp_rows<7>(W, S, G, a, lda, c); break;
     default: break;
+  }
+}
+
+// exp on 16 lanes: n = round(x / ln 2), r = x - n ln 2 in two parts, Cephes' expf
+// polynomial for e^r (within 2 ulp of the true value), then r's result times 2^n (VSCALEFPS,
+// which overflows to inf and underflows through the subnormals as the scalar expf does).
+GPTOSS_T512 __attribute__((always_inline)) inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 e = _mm512_scalef_ps(p, n);
+  // +-inf (and past the range, where n ln 2 no longer cancels): inf and 0; NaN stays NaN.
+  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.8f), _CMP_GT_OQ),
+                         _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), _mm512_setzero_ps());
+}
+
+// swiglu_rows on 16 lanes: a token's 16 outputs are one vector, the SwiGLU runs in the even
+// (gate) lanes with each odd (up) lane copied down beside it. The same operations in the same
+// order as the scalar code but for exp (and NaN payloads); the bf16 split is exact either way.
+GPTOSS_T512 void swiglu_rows(const float* C, int64_t n, int ns, const float* bias, float alpha, float limit,
+                             uint16_t* dst, int64_t ld) {
+  const __m512 b = _mm512_loadu_ps(bias);
+  const __m512 lim = _mm512_set1_ps(limit), neg_lim = _mm512_set1_ps(-limit), one = _mm512_set1_ps(1.0f);
+  const __m512 neg_alpha = _mm512_set1_ps(-alpha);
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 v = _mm512_loadu_ps(C + (j * ns) * kRows);
+    for (int s = 1; s < ns; ++s) v = _mm512_add_ps(v, _mm512_loadu_ps(C + (j * ns + s) * kRows));
+    const __m512 h = _mm512_add_ps(v, b);
+    // MINPS/MAXPS return their second operand when either is NaN: as std::min(h, limit) and
+    // std::max(m, -limit) do with the operands this way round.
+    const __m512 gate = _mm512_min_ps(lim, h);
+    const __m512 up = _mm512_movehdup_ps(_mm512_add_ps(_mm512_max_ps(neg_lim, gate), one));
+    // -(gate * alpha) == gate * -alpha exactly.
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_mul_ps(gate, neg_alpha))));
+    __m512 rest = _mm512_maskz_compress_ps(0x5555, _mm512_mul_ps(_mm512_mul_ps(sig, gate), up));
+    uint16_t* d = dst + j * ns * ld;
+    if (ns == 1) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d), (__m128i)_mm256_cvtneps_pbh(_mm512_castps512_ps256(rest)));
+      continue;
+    }
+    for (int s = 0; s < ns; ++s) {
+      const __m512i hi = _mm512_and_si512(_mm512_castps_si512(rest), _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + s * ld),
+                       _mm256_castsi256_si128(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16))));
+      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(hi));
+    }
   }
 }
 
@@ -786,21 +866,11 @@ void run_chunk(const Problem& pb, const at::Tensor& x, const float* weights, con
   products(R1 / kRows, pb.w1, pb.s1, pb.G1, xg, H, int8 ? &xq : nullptr,
            [&](int64_t e, int64_t rg, int64_t n, const float* Cq) {
              const float* bias = pb.b1 + e * R1 + rg * kRows;
-             for (int64_t j = 0; j < n; ++j) {
-               float h[kRows];
-               for (int c = 0; c < kRows; ++c) {
-                 float v = Cq[(j * ns) * kRows + c];
-                 for (int s = 1; s < ns; ++s) v += Cq[(j * ns + s) * kRows + c];
-                 h[c] = v + bias[c];
-               }
-               uint16_t* dst = ag + (start[e] + j) * ns * I + rg * (kRows / 2);
-               for (int c = 0; c < kRows / 2; ++c) {
-                 const float gate = std::min(h[2 * c], limit);
-                 const float up = std::max(std::min(h[2 * c + 1], limit), -limit) + 1.0f;
-                 const float sig = 1.0f / (1.0f + std::exp(-(gate * alpha)));
-                 split_bf16(sig * gate * up, ns, dst + c, I);
-               }
-             }
+             uint16_t* dst = ag + start[e] * ns * I + rg * (kRows / 2);
+#if GPTOSS_X86
+             if (pb.isa >= kAvx512Bf16) return k512::swiglu_rows(Cq, n, ns, bias, alpha, limit, dst, I);
+#endif
+             swiglu_rows(Cq, n, ns, bias, alpha, limit, dst, I);
            });
 
   if (int8) quantize_rows(ag, rows, I, aq);
