@@ -350,20 +350,23 @@ GPTOSS_T512 void swiglu_rows(const float* C, int64_t n, int ns, const float* bia
 #define GPTOSS_TVNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx512vnni,avx512vbmi")))
 
 // The int8 path. FP4 E2M1 times 2 is an integer in [-12, 12]; VPDPBUSD multiplies unsigned by
-// signed bytes, so the table holds 2 * fp4 + 12 in [0, 24] and the activations stay signed:
-//   sum_k (2 w_k + 12) a_k = 2 * sum_k w_k a_k + 12 * sum_k a_k,
+// signed bytes, so the table holds 2 * fp4 + 128 in [116, 140] and the activations stay signed:
+//   sum_k (2 w_k + 128) a_k = 2 * sum_k w_k a_k + 128 * sum_k a_k,
 // where the second sum depends on the activations alone (computed once, at quantizing).
 // Activations, per row and 32-block: u = x * 127 / max|x|, a1 = round(u), a2 = round(128 (u -
 // a1)), so x = d (a1 + a2 / 128) with d = max|x| / 127, to 2^-15 of the block's largest value:
 // finer than bf16's own rounding (2^-9 of each value). llama.cpp stops at a1 (Q8_0); that alone
 // measured 3x the reference's error against float64 here, with a2 it is below the reference's.
-// A block's dot product is then d / 256 * 2^(s-127) * (128 * S1 + S2 - corr), S1 and S2 the
-// VPDPBUSD sums against a1 and a2, corr = 12 * (128 sum a1 + sum a2); every integer is exact
-// and |128 S1 + S2 - corr| < 2^24, so its conversion to fp32 is too.
+// A block's dot product is then d / 256 * 2^(s-127) * (128 (S1 - c) + S2), S1 and S2 the
+// VPDPBUSD sums against a1 and a2 and c = 128 sum a1 + sum a2 (the offset's share, 128 c): the
+// kernel starts a row's sum at -c and shifts it left by 7 between the two digits, so no
+// subtraction is left. S1 - c = 2 sum w a1 - sum a2 and the result, 2 sum_k w_k (128 a1 + a2),
+// stay below 2^24 in magnitude, so every integer is exact and so is the conversion to fp32. (An offset of 12 would have kept the table in [0, 24], but its share, 12 c, is not
+// a multiple of 128.)
 namespace kvnni {
 
-alignas(64) const int8_t kFp4x2Plus12[64] = {
-#define GPTOSS_FP4_U8 12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0
+alignas(64) const uint8_t kFp4x2Plus128[64] = {
+#define GPTOSS_FP4_U8 128, 129, 130, 131, 132, 134, 136, 140, 128, 127, 126, 125, 124, 122, 120, 116
     GPTOSS_FP4_U8, GPTOSS_FP4_U8, GPTOSS_FP4_U8, GPTOSS_FP4_U8
 #undef GPTOSS_FP4_U8
 };
@@ -393,7 +396,7 @@ constexpr ActOrder kActOrder{};
 constexpr int kQBlock = 2 * kBlock;
 
 // K bf16 values (K a multiple of 32) -> K / 32 blocks of kQBlock bytes, and per block the
-// scale d / 256 (the 1/2 undoes the table's doubling) and corr.
+// scale d / 256 (the 1/2 undoes the table's doubling) and c.
 GPTOSS_TVNNI void quantize_row(const uint16_t* src, int64_t K, int8_t* q, float* d, int32_t* corr) {
   const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kActOrder.index));
   const __m512 sign = _mm512_set1_ps(-0.0f);
@@ -423,7 +426,7 @@ GPTOSS_TVNNI void quantize_row(const uint16_t* src, int64_t K, int8_t* q, float*
     store(a2lo, a2hi, qg + kBlock);
     const int32_t sum1 = _mm512_reduce_add_epi32(_mm512_add_epi32(a1lo, a1hi));
     const int32_t sum2 = _mm512_reduce_add_epi32(_mm512_add_epi32(a2lo, a2hi));
-    corr[g] = 12 * (128 * sum1 + sum2);
+    corr[g] = 128 * sum1 + sum2;
     // A block holding inf or NaN gets a NaN scale, so the result says so rather than 0.
     d[g] = finite ? amax / 127.0f / 256.0f : std::numeric_limits<float>::quiet_NaN();
   }
@@ -437,16 +440,16 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dpbusd_broadcast(__m512i
 
 // NT quantized rows (row stride lda bytes; D and Corr ldg per row) against one row group: the
 // int8 twin of k512::dp_rows. A block's 8 decoded weight vectors stay in registers for both
-// digits, and each row keeps one integer sum: the a1 products first, shifted left by 7, then
-// the a2 products (128 S1 + S2 without a second accumulator, whose registers bought more rows
-// per pass and so fewer decodes of each block). With few rows, CH partial sums per row hide
+// digits, and each row keeps one integer sum: from -c, the a1 products, shifted left by 7, then
+// the a2 products (128 (S1 - c) + S2 without a second accumulator, whose registers bought more
+// rows per pass and so fewer decodes of each block). With few rows, CH partial sums per row hide
 // VPDPBUSD's latency.
 template <int NT>
 GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W, const uint8_t* S, int G,
                                                                  const int8_t* A, const float* D, const int32_t* Corr,
                                                                  int64_t lda, int64_t ldg, float* C) {
   constexpr int CH = NT == 1 ? 4 : (NT <= 3 ? 2 : 1);
-  const __m512i table = _mm512_load_si512(kFp4x2Plus12);
+  const __m512i table = _mm512_load_si512(kFp4x2Plus128);
   const __m512i transpose = _mm512_load_si512(kTranspose.index);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   __m512 acc[NT];
@@ -464,9 +467,11 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W
     }
     __m512i sum[NT][CH];
 #pragma GCC unroll 16
-    for (int t = 0; t < NT; ++t)
+    for (int t = 0; t < NT; ++t) {
+      sum[t][0] = _mm512_set1_epi32(-Corr[t * ldg + g]);
 #pragma GCC unroll 4
-      for (int h = 0; h < CH; ++h) sum[t][h] = _mm512_setzero_si512();
+      for (int h = 1; h < CH; ++h) sum[t][h] = _mm512_setzero_si512();
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j)
 #pragma GCC unroll 16
@@ -491,8 +496,7 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W
     const __m512 scale = k512::block_scales(S + g * kRows);
 #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
-      const __m512i exact = _mm512_sub_epi32(sum[t][0], _mm512_set1_epi32(Corr[t * ldg + g]));
-      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(D[t * ldg + g])), scale,
+      acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sum[t][0]), _mm512_set1_ps(D[t * ldg + g])), scale,
                                acc[t]);
     }
   }
@@ -683,7 +687,7 @@ int64_t cpu_isa() {
 }
 
 // The int8 path's activations: per row, K / 32 blocks of kvnni::kQBlock bytes, and per row and
-// block the scale and the table's offset correction (kvnni::quantize_row).
+// block the scale and c, the table offset's share (kvnni::quantize_row).
 struct Quantized {
   std::vector<int8_t> q;
   std::vector<float> d;
