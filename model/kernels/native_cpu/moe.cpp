@@ -119,7 +119,8 @@ void swiglu_rows(const float* C, int64_t n, int ns, const float* bias, float alp
       for (int s = 1; s < ns; ++s) v += C[(j * ns + s) * kRows + c];
       h[c] = v + bias[c];
     }
-    for (int c = 0; c < kRows / 2; ++c) split_bf16(swiglu(h[2 * c], h[2 * c + 1], alpha, limit), ns, dst + j * ns * ld + c, ld);
+    for (int c = 0; c < kRows / 2; ++c)
+      split_bf16(swiglu(h[2 * c], h[2 * c + 1], alpha, limit), ns, dst + j * ns * ld + c, ld);
   }
 }
 
