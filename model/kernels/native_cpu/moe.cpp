@@ -362,8 +362,9 @@ GPTOSS_T512 void swiglu_rows(const float* C, int64_t n, int ns, const float* bia
 // VPDPBUSD sums against a1 and a2 and c = 128 sum a1 + sum a2 (the offset's share, 128 c): the
 // kernel starts a row's sum at -c and shifts it left by 7 between the two digits, so no
 // subtraction is left. S1 - c = 2 sum w a1 - sum a2 and the result, 2 sum_k w_k (128 a1 + a2),
-// stay below 2^24 in magnitude, so every integer is exact and so is the conversion to fp32. (An offset of 12 would have kept the table in [0, 24], but its share, 12 c, is not
-// a multiple of 128.)
+// stay below 2^24 in magnitude, so every integer is exact and so is the conversion to fp32.
+// (An offset of 12 would have kept the table in [0, 24], but its share, 12 c, is not a
+// multiple of 128.)
 namespace kvnni {
 
 alignas(64) const uint8_t kFp4x2Plus128[64] = {
