@@ -55,6 +55,16 @@
 #define GPTOSS_X86 0
 #endif
 
+#if GPTOSS_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// SLEEF's 16-lane exp (within 1 ulp), torch's copy: libtorch_cpu exports it, and the sleef.h
+// torch ships declares it only to files compiled for AVX-512 throughout. torch's own vectorised
+// exp is this function.
+extern "C" __m512 Sleef_expf16_u10avx512f(__m512);
+#pragma GCC pop_options
+#endif
+
 namespace {
 
 constexpr int kRows = 16;         // output rows per group
@@ -288,31 +298,10 @@ GPTOSS_T512 void tile(const uint8_t* W, const uint8_t* S, int G, const uint16_t*
   }
 }
 
-// exp on 16 lanes: n = round(x / ln 2), r = x - n ln 2 in two parts, Cephes' expf
-// polynomial for e^r (within 2 ulp of the true value), then r's result times 2^n (VSCALEFPS,
-// which overflows to inf and underflows through the subnormals as the scalar expf does).
-GPTOSS_T512 __attribute__((always_inline)) inline __m512 exp16(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  __m512 e = _mm512_scalef_ps(p, n);
-  // +-inf (and past the range, where n ln 2 no longer cancels): inf and 0; NaN stays NaN.
-  e = _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.8f), _CMP_GT_OQ),
-                         _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-  return _mm512_mask_mov_ps(e, _mm512_cmp_ps_mask(x, _mm512_set1_ps(-104.0f), _CMP_LT_OQ), _mm512_setzero_ps());
-}
-
 // swiglu_rows on 16 lanes: a token's 16 outputs are one vector, the SwiGLU runs in the even
 // (gate) lanes with each odd (up) lane copied down beside it. The same operations in the same
-// order as the scalar code but for exp (and NaN payloads); the bf16 split is exact either way.
+// order as the scalar code but for exp, SLEEF's (within 1 ulp; torch ships it and its own
+// vectorised exp uses it), and NaN payloads; the bf16 split is exact either way.
 GPTOSS_T512 void swiglu_rows(const float* C, int64_t n, int ns, const float* bias, float alpha, float limit,
                              uint16_t* dst, int64_t ld) {
   const __m512 b = _mm512_loadu_ps(bias);
@@ -327,7 +316,7 @@ GPTOSS_T512 void swiglu_rows(const float* C, int64_t n, int ns, const float* bia
     const __m512 gate = _mm512_min_ps(lim, h);
     const __m512 up = _mm512_movehdup_ps(_mm512_add_ps(_mm512_max_ps(neg_lim, gate), one));
     // -(gate * alpha) == gate * -alpha exactly.
-    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_mul_ps(gate, neg_alpha))));
+    const __m512 sig = _mm512_div_ps(one, _mm512_add_ps(one, Sleef_expf16_u10avx512f(_mm512_mul_ps(gate, neg_alpha))));
     __m512 rest = _mm512_maskz_compress_ps(0x5555, _mm512_mul_ps(_mm512_mul_ps(sig, gate), up));
     uint16_t* d = dst + j * ns * ld;
     if (ns == 1) {
