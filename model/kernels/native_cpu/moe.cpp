@@ -348,7 +348,7 @@ GPTOSS_T512 void swiglu_rows(const float* C, int64_t n, int ns, const float* bia
 // finer than bf16's own rounding (2^-9 of each value). llama.cpp stops at a1 (Q8_0); that alone
 // measured 3x the reference's error against float64 here, with a2 it is below the reference's.
 // A block's dot product is then d / 256 * 2^(s-127) * (128 (S1 - c) + S2), S1 and S2 the
-// VPDPBUSD sums against a1 and a2 and c = 128 sum a1 + sum a2 (the offset's share, 128 c): the
+// VPDPBUSD sums against a1 and a2 and c = 128 sum a1 + sum a2 (asum; the offset's share is 128 c): the
 // kernel starts a row's sum at -c and shifts it left by 7 between the two digits, so no
 // subtraction is left. S1 - c = 2 sum w a1 - sum a2 and the result, 2 sum_k w_k (128 a1 + a2),
 // stay below 2^24 in magnitude, so every integer is exact and so is the conversion to fp32.
@@ -387,8 +387,8 @@ constexpr ActOrder kActOrder{};
 constexpr int kQBlock = 2 * kBlock;
 
 // K bf16 values (K a multiple of 32) -> K / 32 blocks of kQBlock bytes, and per block the
-// scale d / 256 (the 1/2 undoes the table's doubling) and c.
-GPTOSS_TVNNI void quantize_row(const uint16_t* src, int64_t K, int8_t* q, float* d, int32_t* corr) {
+// scale d / 256 (the 1/2 undoes the table's doubling) and asum = c.
+GPTOSS_TVNNI void quantize_row(const uint16_t* src, int64_t K, int8_t* q, float* d, int32_t* asum) {
   const __m256i order = _mm256_load_si256(reinterpret_cast<const __m256i*>(kActOrder.index));
   const __m512 sign = _mm512_set1_ps(-0.0f);
   const __m512 fine = _mm512_set1_ps(128.0f);
@@ -417,7 +417,7 @@ GPTOSS_TVNNI void quantize_row(const uint16_t* src, int64_t K, int8_t* q, float*
     store(a2lo, a2hi, qg + kBlock);
     const int32_t sum1 = _mm512_reduce_add_epi32(_mm512_add_epi32(a1lo, a1hi));
     const int32_t sum2 = _mm512_reduce_add_epi32(_mm512_add_epi32(a2lo, a2hi));
-    corr[g] = 128 * sum1 + sum2;
+    asum[g] = 128 * sum1 + sum2;
     // A block holding inf or NaN gets a NaN scale, so the result says so rather than 0.
     d[g] = finite ? amax / 127.0f / 256.0f : std::numeric_limits<float>::quiet_NaN();
   }
@@ -429,7 +429,7 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dpbusd_broadcast(__m512i
   asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(a)));
 }
 
-// NT quantized rows (row stride lda bytes; D and Corr ldg per row) against one row group: the
+// NT quantized rows (row stride lda bytes; D and Asum ldg per row) against one row group: the
 // int8 twin of k512::dp_rows. A block's 8 decoded weight vectors stay in registers for both
 // digits, and each row keeps one integer sum: from -c, the a1 products, shifted left by 7, then
 // the a2 products (128 (S1 - c) + S2 without a second accumulator, whose registers bought more
@@ -437,7 +437,7 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dpbusd_broadcast(__m512i
 // VPDPBUSD's latency.
 template <int NT>
 GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W, const uint8_t* S, int G,
-                                                                 const int8_t* A, const float* D, const int32_t* Corr,
+                                                                 const int8_t* A, const float* D, const int32_t* Asum,
                                                                  int64_t lda, int64_t ldg, float* C) {
   constexpr int CH = NT == 1 ? 4 : (NT <= 3 ? 2 : 1);
   const __m512i table = _mm512_load_si512(kFp4x2Plus128);
@@ -459,7 +459,7 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W
     __m512i sum[NT][CH];
 #pragma GCC unroll 16
     for (int t = 0; t < NT; ++t) {
-      sum[t][0] = _mm512_set1_epi32(-Corr[t * ldg + g]);
+      sum[t][0] = _mm512_set1_epi32(-Asum[t * ldg + g]);
 #pragma GCC unroll 4
       for (int h = 1; h < CH; ++h) sum[t][h] = _mm512_setzero_si512();
     }
@@ -502,13 +502,13 @@ GPTOSS_TVNNI __attribute__((always_inline)) inline void dq_rows(const uint8_t* W
 constexpr int kDqRows = 10;
 
 GPTOSS_TVNNI void tile(const uint8_t* W, const uint8_t* S, int G, const int8_t* A, const float* D,
-                       const int32_t* Corr, int64_t lda, int64_t ldg, int R, float* C) {
+                       const int32_t* Asum, int64_t lda, int64_t ldg, int R, float* C) {
   int r = 0;
   for (; R - r >= kDqRows; r += kDqRows)
-    dq_rows<kDqRows>(W, S, G, A + r * lda, D + r * ldg, Corr + r * ldg, lda, ldg, C + r * kRows);
+    dq_rows<kDqRows>(W, S, G, A + r * lda, D + r * ldg, Asum + r * ldg, lda, ldg, C + r * kRows);
   const int8_t* a = A + r * lda;
   const float* d = D + r * ldg;
-  const int32_t* k = Corr + r * ldg;
+  const int32_t* k = Asum + r * ldg;
   float* c = C + r * kRows;
   switch (R - r) {
     case 1: dq_rows<1>(W, S, G, a, d, k, lda, ldg, c); break;
@@ -678,18 +678,18 @@ int64_t cpu_isa() {
 }
 
 // The int8 path's activations: per row, K / 32 blocks of kvnni::kQBlock bytes, and per row and
-// block the scale and c, the table offset's share (kvnni::quantize_row).
+// block the scale and asum = 128 sum a1 + sum a2 (the int8 path's c; kvnni::quantize_row).
 struct Quantized {
   std::vector<int8_t> q;
   std::vector<float> d;
-  std::vector<int32_t> corr;
+  std::vector<int32_t> asum;
   int64_t row_bytes = 0, blocks = 0;
   void resize(int64_t rows, int64_t k) {
     blocks = k / kBlock;
     row_bytes = blocks * 2 * kBlock;
     q.resize(static_cast<size_t>(rows * row_bytes));
     d.resize(static_cast<size_t>(rows * blocks));
-    corr.resize(static_cast<size_t>(rows * blocks));
+    asum.resize(static_cast<size_t>(rows * blocks));
   }
 };
 
@@ -700,7 +700,7 @@ void quantize_rows(const uint16_t* src, int64_t rows, int64_t K, Quantized& out)
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r)
       kvnni::quantize_row(src + r * K, K, out.q.data() + r * out.row_bytes, out.d.data() + r * out.blocks,
-                          out.corr.data() + r * out.blocks);
+                          out.asum.data() + r * out.blocks);
   });
 #else
   (void)src;
@@ -717,7 +717,7 @@ void run_tile(int64_t isa, bool use_amx, const uint8_t* W, const uint8_t* S, int
   if (quant != nullptr) {
     const int64_t ldq = quant->row_bytes, ldg = quant->blocks;
     return kvnni::tile(W, S, G, quant->q.data() + row0 * ldq, quant->d.data() + row0 * ldg,
-                       quant->corr.data() + row0 * ldg, ldq, ldg, R, C);
+                       quant->asum.data() + row0 * ldg, ldq, ldg, R, C);
   }
   if (isa >= kAvx512Bf16) return k512::tile(W, S, G, A, lda, R, C);
   if (isa >= kAvx2) return avx2::tile(W, S, G, A, lda, R, C);
