@@ -201,3 +201,29 @@ def test_the_native_backend_serves_greedy_rows_from_the_screen(tmp_path, monkeyp
     assert len(calls) == 6
     ops.lm_head_argmax(x[:2], w)  # tried again
     assert len(calls) == 7
+
+
+def test_each_mode_pauses_when_its_recomputing_outweighs_the_bf16_read(tmp_path):
+    """Two digits (up to TWO_DIGIT_ROWS rows) pause when a call recomputes more than a quarter of
+    the head's groups over all its rows; one digit when a row recomputes more than 1/32 of them.
+    A pause of one mode leaves the other serving."""
+    make_checkpoint(tmp_path / "ck", preset="tiny", seed=5, vocab_size=4099)
+    ops = load_model(str(tmp_path / "ck"), dtype=torch.bfloat16, kernels="native-cpu").kernels
+    groups = 12568  # the 20b's head
+    wide = 4 * TWO_DIGIT_ROWS
+    for rows in range(1, TWO_DIGIT_ROWS + 1):
+        ops._judge_screen(rows, groups // 4, groups)  # 6% per row at 4 rows, 25% at 1: served
+        assert ops._screens(rows)
+    ops._judge_screen(wide, wide * (groups // 32), groups)
+    assert ops._screens(wide)
+    ops._judge_screen(TWO_DIGIT_ROWS, groups // 4 + 1, groups)
+    assert not ops._screens(1) and ops._screens(wide)
+    ops._judge_screen(wide, wide * (groups // 32) + wide, groups)
+    assert not ops._screens(wide)
+    for _ in range(ops.SCREEN_PAUSE_CALLS - 1):  # the pauses run out
+        assert not ops._screens(1) and not ops._screens(wide)
+    assert ops._screens(1) and ops._screens(wide)
+    # A small head: a few groups recomputed pause nothing.
+    ops._judge_screen(1, ops.SCREEN_MIN_RECOMPUTED_GROUPS, 100)
+    ops._judge_screen(wide, wide * ops.SCREEN_MIN_RECOMPUTED_GROUPS, 100)
+    assert ops._screens(1) and ops._screens(wide)

@@ -115,13 +115,20 @@ class NativeCpuKernels(ReferenceKernels):
             return self.native_cpu.linear_interleaved(x, head, argmax=True)  # no logits written
         return super().lm_head_argmax(x, weights)
 
-    # The screen pays only while its bound admits few groups of the head, which depends on the
-    # model's logits: random weights at the 20b's width admitted 30-40% of the groups with one
-    # digit (2.5-2.9x the bf16 kernel's time), the small preset's under 1%. So each mode (two
-    # digits: up to 4 rows; one: wider) watches what it recomputes on this model and stands
-    # aside for SCREEN_PAUSE_CALLS calls after a call that recomputed more than this fraction
-    # of the head per row (and more than a few groups: a small head costs nothing either way).
+    # The screen pays only while what its bound admits costs less than the bf16 kernel's read,
+    # which depends on the model's logits. So each mode (two digits: up to 4 rows; one: wider)
+    # watches what it recomputes on this model and stands aside for SCREEN_PAUSE_CALLS calls
+    # after a call that recomputed too much (and more than a few groups: a small head costs
+    # nothing either way).
+    # - One digit: random weights at the 20b's width admitted 30-40% of the groups per row (2.5-
+    #   2.9x the bf16 kernel's time), the small preset's under 1%: above 1/32 per row, it pauses.
+    # - Two digits: the screen alone takes 0.52-0.72 of the bf16 kernel's time, and each (group,
+    #   row) recomputed about 1/14,000 of it on the 20b's head (AMD EPYC, 2026-12-08: 2.3 us
+    #   against 33 ms at 4 rows), so it breaks even near half the head's groups over all rows;
+    #   it pauses above a quarter. The 20b's random checkpoint recomputes 0.4-3.6% per row, which
+    #   the one-digit rule paused within 17-45 calls, for 18 ms a step more at batch 1.
     SCREEN_MAX_RECOMPUTED = 1 / 32
+    SCREEN_MAX_RECOMPUTED_TWO_DIGITS = 1 / 4
     SCREEN_MIN_RECOMPUTED_GROUPS = 64
     SCREEN_PAUSE_CALLS = 256
 
@@ -133,9 +140,13 @@ class NativeCpuKernels(ReferenceKernels):
         return True
 
     def _judge_screen(self, rows: int, recomputed: int, groups: int) -> None:
-        per_row = max(groups * self.SCREEN_MAX_RECOMPUTED, self.SCREEN_MIN_RECOMPUTED_GROUPS)
-        if recomputed > rows * per_row:
-            self._screen_paused[rows <= self.native_cpu.SCREEN_TWO_DIGIT_ROWS] = self.SCREEN_PAUSE_CALLS
+        two_digits = rows <= self.native_cpu.SCREEN_TWO_DIGIT_ROWS
+        if two_digits:
+            limit = max(groups * self.SCREEN_MAX_RECOMPUTED_TWO_DIGITS, self.SCREEN_MIN_RECOMPUTED_GROUPS)
+        else:
+            limit = rows * max(groups * self.SCREEN_MAX_RECOMPUTED, self.SCREEN_MIN_RECOMPUTED_GROUPS)
+        if recomputed > limit:
+            self._screen_paused[two_digits] = self.SCREEN_PAUSE_CALLS
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bf16_dot and logits.dtype in NATIVE_DTYPES and logits.device.type == "cpu":
