@@ -12,8 +12,10 @@ seed gives every server the same prompts.
 
 At each concurrency level ``c`` exactly ``c`` requests are in flight until ``--requests``
 (default 2c, at least 4) have finished. Printed per level: output tok/s over the level's wall
-time, time to first token and inter-token latency (p50, p99, in ms), errors. With
-``--server-pid`` the server's peak resident memory (VmHWM) is printed at the end.
+time, time to first token and inter-token latency (p50, p99, in ms), errors. A request whose
+connection fails before any answer is sent again (up to twice, as the OpenAI SDKs do), and
+the count of such requests printed below the table. With ``--server-pid`` the server's peak
+resident memory (VmHWM) is printed at the end.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ import httpx
 # Ordinary o200k tokens (below the special-token range, past the byte tokens): any such id
 # is a valid prompt token for gpt-oss on every server.
 PROMPT_TOKEN_RANGE = (1_000, 199_000)
+# A request whose connection fails before any answer (refused, or closed unanswered, which
+# llama-server does now and then to a fresh connection) is sent again, as the OpenAI SDKs do
+# (two retries by default); its latencies still count from the first attempt.
+CONNECT_ATTEMPTS = 3
+CONNECT_RETRY_S = 0.05
 
 
 @dataclass
@@ -40,6 +47,7 @@ class RequestResult:
     gaps_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     error: str | None = None
+    retries: int = 0  # attempts whose connection failed before any answer
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -78,28 +86,39 @@ async def one_request(
     result = RequestResult()
     t0 = last = time.perf_counter()
     chunks = 0
-    try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code != 200:
-                result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return result
-            async for line in sse_lines(resp):
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if event.get("usage"):
-                    result.output_tokens = event["usage"].get("completion_tokens", 0)
-                if not any(c.get("text") for c in event.get("choices", [])):
-                    continue
-                now = time.perf_counter()
-                if result.ttft_s is None:
-                    result.ttft_s = now - t0
-                else:
-                    result.gaps_s.append(now - last)
-                last = now
-                chunks += 1
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
+    for attempt in range(CONNECT_ATTEMPTS):
+        answered = False
+        try:
+            async with client.stream("POST", url, json=body) as resp:
+                answered = True
+                if resp.status_code != 200:
+                    result.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+                    return result
+                async for line in sse_lines(resp):
+                    if not line.startswith("data:") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[5:])
+                    if event.get("usage"):
+                        result.output_tokens = event["usage"].get("completion_tokens", 0)
+                    if not any(c.get("text") for c in event.get("choices", [])):
+                        continue
+                    now = time.perf_counter()
+                    if result.ttft_s is None:
+                        result.ttft_s = now - t0
+                    else:
+                        result.gaps_s.append(now - last)
+                    last = now
+                    chunks += 1
+            break
+        except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            if answered or attempt + 1 == CONNECT_ATTEMPTS:
+                result.error = f"{type(exc).__name__}: {exc}"
+                break
+            result.retries += 1
+            await asyncio.sleep(CONNECT_RETRY_S)
+        except (httpx.HTTPError, json.JSONDecodeError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            break
     result.output_tokens = result.output_tokens or chunks
     return result
 
@@ -186,13 +205,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|")
     errors: list[str] = []
+    retried = 0
     for c in levels:
         n = args.requests or max(4, 2 * c)
         level = asyncio.run(run_level(args, c, prompts(n)))
         print(level.row(), flush=True)
         errors += [f"c={c}: {r.error}" for r in level.results if r.error is not None]
+        retried += sum(r.retries > 0 for r in level.results)
     for e in errors[:5]:  # what failed, so a count in the table can be told from a bug
         print(f"error: {e}")
+    if retried:
+        print(f"requests sent again after their connection failed unanswered: {retried}")
     if args.server_pid is not None:
         rss = peak_rss_gib(args.server_pid)
         print(f"server peak RSS (VmHWM): {rss:.2f} GiB" if rss is not None else "server pid not found")

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,61 @@ def test_cli_prints_a_table_and_the_servers_peak_memory(server):
     assert [r.split("|")[1].strip() for r in rows] == ["1", "2"]
     assert all(r.rstrip().endswith("| 0 |") for r in rows)
     assert "server peak RSS (VmHWM):" in out and "GiB" in out
+
+
+class DropFirstConnections:
+    """A loopback TCP relay to the server that reads and then closes its first `drops`
+    connections without an answer (what llama-server now and then does to a fresh one)."""
+
+    def __init__(self, target_port: int, drops: int):
+        self.target_port, self.drops = target_port, drops
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.drops > 0:
+                self.drops -= 1
+                conn.recv(1 << 16)  # the request, so that closing sends FIN, not RST
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_closed_unanswered_is_sent_again(server):
+    bench = load_bench()
+    port = int(server.url.rsplit(":", 1)[1])
+    relay = DropFirstConnections(port, drops=bench.CONNECT_ATTEMPTS - 1)
+    try:
+        args = bench_args(f"http://127.0.0.1:{relay.port}/v1", 5)
+        level = asyncio.run(bench.run_level(args, 1, [[1_000] * 8]))
+        (r,) = level.results
+        assert r.error is None and r.output_tokens == 5 and r.retries == bench.CONNECT_ATTEMPTS - 1
+        # One drop more than the attempts: an error, counted in the table.
+        relay.drops = bench.CONNECT_ATTEMPTS
+        level = asyncio.run(bench.run_level(args, 1, [[1_000] * 8]))
+        assert "RemoteProtocolError" in level.results[0].error and level.row().rstrip().endswith("| 1 |")
+    finally:
+        relay.close()
