@@ -124,9 +124,10 @@ class NativeCpuKernels(ReferenceKernels):
     #   2.9x the bf16 kernel's time), the small preset's under 1%: above 1/32 per row, it pauses.
     # - Two digits: the screen alone takes 0.52-0.72 of the bf16 kernel's time, and each (group,
     #   row) recomputed about 1/14,000 of it on the 20b's head (AMD EPYC, 2026-12-08: 2.3 us
-    #   against 33 ms at 4 rows), so it breaks even near half the head's groups over all rows;
-    #   it pauses above a quarter. The 20b's random checkpoint recomputes 0.4-3.6% per row, which
-    #   the one-digit rule paused within 17-45 calls, for 18 ms a step more at batch 1.
+    #   against 33 ms at 4 rows); recomputing half the head's groups over all rows took 1.11x
+    #   the bf16 kernel's time. It pauses above a quarter. The 20b's random checkpoint
+    #   recomputes 0.4-3.6% per row at 1-4 rows: a limit of 1/32 per row paused it within 17-45
+    #   calls, for 18 ms a step more at batch 1.
     SCREEN_MAX_RECOMPUTED = 1 / 32
     SCREEN_MAX_RECOMPUTED_TWO_DIGITS = 1 / 4
     SCREEN_MIN_RECOMPUTED_GROUPS = 64
