@@ -73,19 +73,6 @@ constexpr int kGroupBytes = 256;  // one block of one row group: 16 byte columns
 constexpr int kMaxTokensPerChunk = 1024;
 constexpr int64_t kQuad = 4;  // row groups per work item: the decoded tile's width
 
-// Asks for the block kPrefetchBlocks ahead of wg. The packed tiles compute for long enough
-// between a block's loads that the hardware prefetcher alone falls behind the stream: with this
-// hint, a 20b-shaped MoE at 1 to 8 tokens ran 12-19% faster, and at 256 tokens no slower; in
-// the engine, the 20b's batch-4 decode spent 11% less in the MoE (bench/RESULTS.md). The hint
-// is non-temporal, as linear_interleaved's (interleaved.h): weights read once a step then leave
-// the caches first, instead of evicting what the step's small ops read again.
-constexpr int kPrefetchBlocks = 8;
-__attribute__((always_inline)) inline void prefetch_ahead(const uint8_t* wg) {
-  const char* p = reinterpret_cast<const char*>(wg + kPrefetchBlocks * kGroupBytes);
-#pragma GCC unroll 4
-  for (int c = 0; c < kGroupBytes; c += 64) __builtin_prefetch(p + c, 0, 0);
-}
-
 enum Isa : int64_t { kGeneric = 0, kAvx2 = 1, kAvx512Bf16 = 2, kAvx512Vnni = 3, kAmx = 4 };
 
 // Splits x exactly into `ns` bf16 values (ns = 1: rounded; ns = 3: hi + mid + lo == x, each
@@ -172,6 +159,19 @@ namespace {
       0xC000, 0xC040, 0xC080, 0xC0C0
 
 alignas(64) const uint16_t kFp4Bf16x2[32] = {GPTOSS_FP4_BF16, GPTOSS_FP4_BF16};
+
+// Asks for the block kPrefetchBlocks ahead of wg. The packed tiles compute for long enough
+// between a block's loads that the hardware prefetcher alone falls behind the stream: with this
+// hint, a 20b-shaped MoE at 1 to 8 tokens ran 12-19% faster, and at 256 tokens no slower; in
+// the engine, the 20b's batch-4 decode spent 11% less in the MoE (bench/RESULTS.md). The hint
+// is interleaved.h's non-temporal one, as linear_interleaved's: weights read once a step then
+// leave the caches first, instead of evicting what the step's small ops read again.
+constexpr int kPrefetchBlocks = 8;
+GPTOSS_INLINE void prefetch_ahead(const uint8_t* wg) {
+  const uint8_t* p = wg + kPrefetchBlocks * kGroupBytes;
+#pragma GCC unroll 4
+  for (int c = 0; c < kGroupBytes; c += 64) gptoss::prefetch_nta(p + c);
+}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")
