@@ -130,7 +130,9 @@ class ServerSettings:
     kernels: str = setting(
         "auto",
         "compute kernels: `auto` = `native-cpu` (packed MXFP4 experts) on a CPU where it builds and "
-        "passes its startup self-check against `reference`, else `reference` (PyTorch, any device); "
+        "passes its startup self-check against `reference` (a CPU path that fails it, such as AMX, "
+        "gives way to the next one down, with a warning in the log), else `reference` (PyTorch, any "
+        "device); "
         "a name forces that backend (startup fails if it cannot run here)",
         choices=("auto", "reference", "native-cpu"),
         lower=True,

@@ -107,6 +107,121 @@ def test_a_broken_backend_falls_back_to_the_reference_with_a_warning(
         select_kernels(broken.name, CPU, torch.float32, tiny.config, tiny.weights)
 
 
+class TwoSpeeds(ReferenceKernels):
+    """A backend wrong on its fast CPU path and right on the slower one below it (or, with
+    ``broken_below``, wrong there too), as ``fallback`` hands them out."""
+
+    name = "two-speeds"
+    broken_below = False
+
+    def __init__(self, device, dtype, isa="fast"):
+        super().__init__(device, dtype)
+        self.isa = isa
+
+    def fallback(self):
+        return type(self)(self.device, self.dtype, "slow") if self.isa == "fast" else None
+
+    def moe(self, x, routing_weights, expert_ids, experts, config, out=None):
+        result = super().moe(x, routing_weights, expert_ids, experts, config, out)
+        return result * 1.01 if self.isa == "fast" or self.broken_below else result
+
+
+class TwoSpeedsBoth(TwoSpeeds):
+    broken_below = True
+
+
+def test_auto_tries_the_slower_paths_of_a_failing_backend_before_the_reference(monkeypatch, caplog, tiny):
+    only(monkeypatch, TwoSpeeds)
+    with caplog.at_level(logging.INFO, logger="model.kernels"):
+        chosen = select_kernels("auto", CPU, torch.float32, tiny.config, tiny.weights)
+    assert (chosen.name, chosen.isa) == ("two-speeds", "slow")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("kernels two-speeds [fast] failed the self-check") and "moe" in warnings[0]
+    assert warnings[0].endswith("using two-speeds [slow] instead")
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert info[-1].startswith("kernels: two-speeds [slow] (auto on cpu, float32")
+    # Every variant failing ends on the reference, one warning per variant.
+    only(monkeypatch, TwoSpeedsBoth)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="model.kernels"):
+        chosen = select_kernels("auto", CPU, torch.float32, tiny.config, tiny.weights)
+    assert chosen.name == REFERENCE
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(" failed")[0] for w in warnings] == [
+        "kernels two-speeds [fast]",
+        "kernels two-speeds [slow]",
+    ]
+    assert warnings[-1].endswith("using reference instead")
+    # Forced by name, the first failure is the error: no substitute, not even a slower path.
+    with pytest.raises(RuntimeError, match=r"two-speeds.*self-check"):
+        select_kernels("two-speeds", CPU, torch.float32, tiny.config, tiny.weights)
+
+
+@pytest.mark.skipif("native-cpu" not in HERE, reason="the native CPU backend does not load here")
+def test_native_cpu_passes_its_self_check_on_every_cpu_path_here_and_keeps_to_it(monkeypatch, tiny):
+    """Each path ``fallback`` can step down to, from this CPU's best to the portable one, is
+    right, and a capped backend runs its experts on that path and no kernel above it."""
+    import model.kernels.native_cpu as native_cpu
+    from model.kernels.native import NativeCpuKernels
+
+    reference = ReferenceKernels(CPU, torch.float32)
+    asked = []
+    real_moe = native_cpu.moe_experts
+
+    def moe_experts(*args, **kwargs):
+        asked.append(kwargs.get("isa"))
+        return real_moe(*args, **kwargs)
+
+    monkeypatch.setattr(native_cpu, "moe_experts", moe_experts)
+    kernels = BACKENDS["native-cpu"](CPU, torch.float32)
+    assert kernels.isa == native_cpu.isa()
+    seen = []
+    while kernels is not None:
+        asked.clear()
+        assert self_check(kernels, reference, tiny.weights, tiny.config, torch.float32) is None, kernels.isa
+        assert asked and set(asked) == {kernels.isa}
+        level = native_cpu.ISAS.index(kernels.isa)
+        assert kernels.bf16_dot == (
+            native_cpu.bf16_dot_available() and level >= native_cpu.ISAS.index("avx512_bf16")
+        )
+        assert kernels.screens == (
+            native_cpu.screen_available() and level >= native_cpu.ISAS.index("avx512_vnni")
+        )
+        seen.append(kernels.isa)
+        kernels = kernels.fallback()
+    assert seen == list(reversed(native_cpu.ISAS[: native_cpu.ISAS.index(native_cpu.isa()) + 1]))
+    # A cap above what the CPU runs is the CPU's best.
+    assert NativeCpuKernels(CPU, torch.float32, native_cpu, native_cpu.ISAS[-1]).isa == native_cpu.isa()
+
+
+@pytest.mark.skipif("native-cpu" not in HERE, reason="the native CPU backend does not load here")
+def test_auto_steps_native_cpu_down_one_path_when_its_best_fails(monkeypatch, caplog, tiny):
+    import model.kernels.native_cpu as native_cpu
+
+    best = native_cpu.isa()
+    if best == native_cpu.ISAS[0]:
+        pytest.skip("this CPU runs the portable path only: nothing below it")
+    real_check = select.self_check
+
+    def best_path_broken(candidate, reference, weights, config, dtype):
+        if getattr(candidate, "isa", None) == best:
+            return "moe (37 rows): max relative error 0.5 > 1e-05, pretend"
+        return real_check(candidate, reference, weights, config, dtype)
+
+    monkeypatch.setattr(select, "self_check", best_path_broken)
+    with caplog.at_level(logging.INFO, logger="model.kernels"):
+        chosen = select_kernels("auto", CPU, torch.float32, tiny.config, tiny.weights)
+    lower = native_cpu.ISAS[native_cpu.ISAS.index(best) - 1]
+    assert (chosen.name, chosen.isa) == ("native-cpu", lower)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        len(warnings) == 1
+        and f"native-cpu [{best}] failed" in warnings[0]
+        and f"[{lower}] instead" in warnings[0]
+    )
+
+
 def test_auto_takes_the_first_backend_that_passes(monkeypatch, caplog, tiny):
     only(monkeypatch, SameAsReference)
     with caplog.at_level(logging.INFO, logger="model.kernels"):

@@ -33,6 +33,12 @@ class Kernels(Protocol):
 
     name: str
 
+    def fallback(self) -> Kernels | None:
+        """A slower variant of this backend for ``auto`` to try when this one fails its
+        self-check (the native CPU backend one CPU path lower: AMX, then AVX-512 VNNI, ...),
+        or None."""
+        ...
+
     def prepare_experts(self, experts: ExpertWeights, config: ModelConfig) -> ExpertWeights:
         """Once per layer at load: the experts in the form this backend's ``moe`` reads.
         May return the same object with attributes replaced, or a new one (a subclass can

@@ -56,15 +56,31 @@ class NativeExperts(ExpertWeights):
 class NativeCpuKernels(ReferenceKernels):
     name = NATIVE_CPU
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, native_cpu: ModuleType) -> None:
+    def __init__(
+        self, device: torch.device, dtype: torch.dtype, native_cpu: ModuleType, isa: str | None = None
+    ) -> None:
         super().__init__(device, dtype)
         self.native_cpu = native_cpu
+        # The CPU path (one of native_cpu.ISAS): the best this CPU runs (or what
+        # GPTOSS_NATIVE_MOE_ISA allows), or lower where ``fallback`` capped it.
+        best = native_cpu.isa()
+        self.isa = best if isa is None else min(isa, best, key=native_cpu.ISAS.index)
+        level = native_cpu.ISAS.index(self.isa)
         # Asked once: the per-call check takes the loader's lock, twice per layer per step.
-        self.bf16_dot = native_cpu.bf16_dot_available()
+        self.bf16_dot = native_cpu.bf16_dot_available() and level >= native_cpu.ISAS.index("avx512_bf16")
+        self.screens = native_cpu.screen_available() and level >= native_cpu.ISAS.index("avx512_vnni")
         # The dtypes whose decode attention runs in the kernel (a bench may narrow it to A/B).
         self.attention_dtypes = NATIVE_ATTENTION_BF16_DOT_DTYPES if self.bf16_dot else NATIVE_ATTENTION_DTYPES
         # Calls left before the head's screen is tried again, per mode (two digits or one).
         self._screen_paused = {True: 0, False: 0}
+
+    def fallback(self) -> NativeCpuKernels | None:
+        # A kernel wrong on one CPU path (say AMX, on a machine kind CI never saw) need not send
+        # the whole server to the reference: the next path down is tried, each self-checked.
+        level = self.native_cpu.ISAS.index(self.isa)
+        if level == 0:
+            return None
+        return NativeCpuKernels(self.device, self.dtype, self.native_cpu, self.native_cpu.ISAS[level - 1])
 
     def prepare_experts(self, experts: ExpertWeights, config: ModelConfig) -> ExpertWeights:
         if not experts.packed:
@@ -87,8 +103,9 @@ class NativeCpuKernels(ReferenceKernels):
         if not isinstance(experts, NativeExperts):
             return super().moe(x, routing_weights, expert_ids, experts, config, out)
         return self.native_cpu.moe_experts(
-            x, routing_weights, expert_ids, experts.native, config.swiglu_alpha, config.swiglu_limit, out=out
-        )
+            x, routing_weights, expert_ids, experts.native, config.swiglu_alpha, config.swiglu_limit, out=out,
+            isa=self.isa,
+        )  # fmt: skip
 
     def prepare_lm_head(self, weights: ModelWeights) -> None:
         w = weights.unembedding
@@ -97,7 +114,7 @@ class NativeCpuKernels(ReferenceKernels):
             # AMD EPYC, 2026-12-07, 0.51-0.54 of the fused argmax's time at 1-4 rows on the small
             # preset's [201088, 640] head and 0.52-0.56 at 1-2 on the 20b's; 0.75 at 16 rows and
             # 0.66 at 64 on the small one (bench/linear_kernel.py).
-            screens = self.native_cpu.screen_available() and w.shape[1] % 4 == 0
+            screens = self.screens and w.shape[1] % 4 == 0
             kind = self.native_cpu.ScreenedHead if screens else self.native_cpu.InterleavedLinear
             weights.unembedding_prepacked = kind(w)
             return

@@ -19,6 +19,7 @@ from ..prepacked import HEAD_MIN_ROWS, PackedLinear, PrepackedLinear, prepack_av
 if TYPE_CHECKING:
     from ..config import ModelConfig
     from ..transformer import ModelWeights
+    from .base import Kernels
 
 REFERENCE = "reference"
 ARGMAX_CHUNK = 1024  # columns per chunk in greedy_argmax
@@ -55,6 +56,9 @@ class ReferenceKernels:
     def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
+
+    def fallback(self) -> Kernels | None:
+        return None  # the last resort itself
 
     def _prepacks(self, weight: torch.Tensor | None) -> bool:
         return (

@@ -1,7 +1,8 @@
 """Which backend runs: by name (``--kernels``), or ``auto`` by device and CPU features.
 
 ``BACKENDS`` maps each name to a factory, in order of preference; ``auto`` takes the first
-that can run here and passes its self-check, else ``reference`` (a native library not yet
+that can run here and passes its self-check (or a slower variant of it that does: the native
+CPU backend one CPU path lower), else ``reference`` (a native library not yet
 built on this machine is built in the background for the next start, not waited for). The native CPU backend
 (``model/kernels/native_cpu/``) is imported lazily, and only for a CPU device, so a GPU
 machine never loads it; it decides itself whether this CPU suits it (``available()``).
@@ -186,17 +187,32 @@ def select_kernels(
             ) from exc
     if candidate.name != REFERENCE and weights is not None:
         failure = self_check(candidate, reference, weights, config, dtype)
-        if failure is not None:
-            if name != AUTO:
-                raise RuntimeError(f"kernels {name!r} failed the self-check against the reference: {failure}")
+        if failure is not None and name != AUTO:
+            raise RuntimeError(f"kernels {name!r} failed the self-check against the reference: {failure}")
+        # Under auto, a backend's slower variants first (fallback()), then the reference.
+        while failure is not None:
+            failed = _variant(candidate)
+            lower = candidate.fallback()
+            instead = _variant(lower) if lower is not None else REFERENCE
             log.warning(
                 "kernels %s failed the self-check against the reference (%s); using %s instead",
-                candidate.name,
+                failed,
                 failure,
-                REFERENCE,
+                instead,
             )
-            notes.append(f"{candidate.name}: failed its self-check")
-            candidate = reference
+            notes.append(f"{failed}: failed its self-check")
+            if lower is None:
+                candidate, failure = reference, None
+            else:
+                candidate, failure = lower, self_check(lower, reference, weights, config, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    log.info("kernels: %s (%s on %s, %s; %s)", candidate.name, name, device, dtype_name, "; ".join(notes))
+    log.info(
+        "kernels: %s (%s on %s, %s; %s)", _variant(candidate), name, device, dtype_name, "; ".join(notes)
+    )
     return candidate
+
+
+def _variant(kernels: Kernels) -> str:
+    """A backend's name, with its CPU path where it has one (``native-cpu [avx512_vnni]``)."""
+    isa = getattr(kernels, "isa", None)
+    return f"{kernels.name} [{isa}]" if isinstance(isa, str) else kernels.name
