@@ -118,17 +118,9 @@ GPTOSS_THEAD void screen_tile(const uint8_t* U, int64_t K4, const std::vector<Sc
   for (int r = 0; r < NR; ++r)
     for (int j = 0; j < NG; ++j) acc1[r][j] = acc2[r][j] = _mm512_setzero_si512();
   const uint8_t* Ug = U + g * K4 * 64;
-  // Two digits at 3-4 rows: eight VPDPBUSD per 64 bytes keep the cores busy enough that the
-  // hardware prefetcher falls behind, so the copy is asked for kAheadLines ahead (non-temporal,
-  // as the other weight streams). The 20b's batch-4 decode: the screen 36.2 -> 32.3, 36.5 ->
-  // 33.1 and 37.8 -> 34.2 ms a step (alternated in one process, AMD EPYC, 2026-12-08). At one
-  // row it measured 10% slower, so the lighter tiles leave it to the hardware.
-  constexpr bool kPrefetch = TWO && NR >= 3;
   for (int64_t k = 0; k < K4; ++k) {
     __m512i w[NG];
     for (int j = 0; j < NG; ++j) w[j] = _mm512_loadu_si512(Ug + (j * K4 + k) * 64);
-    if (kPrefetch)
-      for (int j = 0; j < NG; ++j) gptoss::prefetch_nta(Ug + (j * K4 + k + gptoss::kAheadLines) * 64);
     for (int r = 0; r < NR; ++r) {
       int32_t d1, d2;
       std::memcpy(&d1, D + (k * kChunk + r) * 8, 4);
