@@ -254,13 +254,27 @@ class LLMEngine:
             # A batch of plain greedy rows needs only the argmax, which the LM head may fuse.
             greedy = pending is None and Sampler.plain_greedy(batch.sample_seqs)
             t_fwd = time.perf_counter()
-            logits = self.runner.forward(batch, greedy=greedy)
+            if greedy:
+                logits, hidden = self.runner.forward_greedy(batch)
+            else:
+                logits = self.runner.forward(batch)
             if self.device.type == "cuda":  # so the timing split is real (the sampler syncs anyway)
                 torch.cuda.synchronize(self.device)
             t_sample = time.perf_counter()
             forward_s = t_sample - t_fwd
             if greedy:
                 sampled = SamplerOutput(logits.tolist(), [None] * len(batch.sample_seqs))
+                # A row whose min_tokens forbids its argmax (a stop id) takes the sampler's
+                # token from its logits, computed now for it alone.
+                banned = Sampler.banned_rows(batch.sample_seqs, sampled.token_ids)
+                if banned:
+                    rows = torch.tensor(banned, device=hidden.device)
+                    again = self.sampler(
+                        self.runner.logits(hidden.index_select(0, rows)),
+                        [batch.sample_seqs[i] for i in banned],
+                    )
+                    for i, token in zip(banned, again.token_ids, strict=True):
+                        sampled.token_ids[i] = token
             else:
                 masks = pending[0].keep(pending[1].result()) if pending else None
                 sampled = self.sampler(logits, batch.sample_seqs, masks)

@@ -79,7 +79,19 @@ class ModelRunner:
         return PreparedBatch(torch.tensor(input_ids, dtype=torch.long, device=dev), meta, sample_seqs)
 
     @torch.inference_mode()
-    def forward(self, batch: PreparedBatch, greedy: bool = False) -> torch.Tensor:
-        """-> logits [len(batch.sample_seqs), vocab] in the model dtype; with ``greedy``,
-        their argmax token ids [len(batch.sample_seqs)] (int64) instead."""
-        return self.model(batch.input_ids, batch.meta, self.kv_cache, greedy=greedy)
+    def forward(self, batch: PreparedBatch) -> torch.Tensor:
+        """-> logits [len(batch.sample_seqs), vocab] in the model dtype."""
+        return self.model(batch.input_ids, batch.meta, self.kv_cache)
+
+    @torch.inference_mode()
+    def forward_greedy(self, batch: PreparedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the argmax token ids of ``forward``'s logits [len(batch.sample_seqs)] (int64),
+        which the LM head may fuse, and the head's input rows, for ``logits`` to come back to
+        for the rows whose argmax their request may not take."""
+        hidden = self.model.final_hidden(batch.input_ids, batch.meta, self.kv_cache)
+        return self.model.head(hidden, greedy=True), hidden
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``forward_greedy``'s rows -> their logits (as ``forward`` gives them)."""
+        return self.model.head(hidden)

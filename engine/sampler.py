@@ -118,9 +118,11 @@ class Sampler:
 
     @staticmethod
     def plain_greedy(seqs: list[Sequence]) -> bool:
-        """True when every row's token is the argmax of its raw logits and nothing else is
-        read from them: greedy, no logprobs, penalties, logit_bias, min_tokens or constraint
-        (see ``_process``). The model can then fuse the argmax into its LM head."""
+        """True when every row's token is the argmax of its raw logits, or (a row still short
+        of its min_tokens) that argmax unless it is one of the row's stop ids, and nothing else
+        is read from them: greedy, no logprobs, penalties, logit_bias or constraint (see
+        ``_process``). The model can then fuse the argmax into its LM head; the rows that
+        ``banned_rows`` names go through the sampler on their logits."""
         for s in seqs:
             p = s.params
             if (
@@ -130,11 +132,21 @@ class Sampler:
                 or p.frequency_penalty
                 or p.repetition_penalty != 1.0
                 or p.logit_bias
-                or s.num_output_tokens < p.min_tokens
                 or p.constraint is not None
             ):
                 return False
         return True
+
+    @staticmethod
+    def banned_rows(seqs: list[Sequence], tokens: list[int]) -> list[int]:
+        """The rows of a ``plain_greedy`` batch whose argmax ``tokens`` their min_tokens
+        forbids (one of their stop ids). Elsewhere the argmax is the sampler's token too:
+        suppressing other ids to -inf leaves the maximum and its first index where they are."""
+        return [
+            i
+            for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
+            if s.num_output_tokens < s.params.min_tokens and t in s.params.stop_token_ids
+        ]
 
     # -- logits processing ------------------------------------------------------------------
     def _process(

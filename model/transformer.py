@@ -125,6 +125,21 @@ class GptOssModel(torch.nn.Module):
         the rows it uses: at batch 64 an fp32 copy of every row would be a 51 MB pass).
         With ``greedy``: their argmax instead, int64 [len(meta.logits_indices)], which a
         backend may compute without writing the logits."""
+        return self.head(self.final_hidden(input_ids, meta, kv_cache), greedy)
+
+    @torch.inference_mode()
+    def head(self, hidden: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """``final_hidden``'s rows -> their logits, or with ``greedy`` their argmax (as
+        ``forward``). Rows can come back for their logits after a greedy pass."""
+        ops = self.kernels
+        return ops.lm_head_argmax(hidden, self.weights) if greedy else ops.lm_head(hidden, self.weights)
+
+    @torch.inference_mode()
+    def final_hidden(
+        self, input_ids: torch.Tensor, meta: BatchMetadata, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """input_ids [T] -> the final-normed rows of meta.logits_indices [N, H] (the LM head's
+        input), in the model dtype."""
         c = self.config
         w = self.weights
         ops = self.kernels
@@ -171,5 +186,4 @@ class GptOssModel(torch.nn.Module):
             )
             x = x + ops.moe(y, routing_weights, expert_ids, layer.experts, c)
         x = x.index_select(0, meta.logits_indices.to(self.device))
-        x = ops.rms_norm(x, w.norm, c.rms_norm_eps)
-        return ops.lm_head_argmax(x, w) if greedy else ops.lm_head(x, w)
+        return ops.rms_norm(x, w.norm, c.rms_norm_eps)

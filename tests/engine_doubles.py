@@ -20,3 +20,11 @@ class FlakyModel(torch.nn.Module):
         if self.failing:
             raise RuntimeError(self.message)
         return self.inner(*args, **kwargs)
+
+    def final_hidden(self, *args: object, **kwargs: object) -> torch.Tensor:
+        if self.failing:
+            raise RuntimeError(self.message)
+        return self.inner.final_hidden(*args, **kwargs)
+
+    def head(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.inner.head(*args, **kwargs)

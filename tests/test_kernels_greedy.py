@@ -130,6 +130,8 @@ def seq_with(**params) -> Sequence:
 def test_plain_greedy_is_greedy_with_nothing_read_from_the_logits():
     assert Sampler.plain_greedy([seq_with(temperature=0), seq_with(temperature=1e-6)])
     assert Sampler.plain_greedy([seq_with(temperature=0, min_tokens=0)])
+    # Still short of min_tokens: the argmax stands unless it is a stop id (banned_rows).
+    assert Sampler.plain_greedy([seq_with(temperature=0, min_tokens=3, stop_token_ids=[7])])
     for params in (
         {"temperature": 0.7},
         {"temperature": 0, "logprobs": 0},
@@ -137,9 +139,18 @@ def test_plain_greedy_is_greedy_with_nothing_read_from_the_logits():
         {"temperature": 0, "frequency_penalty": -0.5},
         {"temperature": 0, "repetition_penalty": 1.1},
         {"temperature": 0, "logit_bias": {5: 1.0}},
-        {"temperature": 0, "min_tokens": 1},
     ):
         assert not Sampler.plain_greedy([seq_with(temperature=0), seq_with(**params)]), params
+
+
+def test_banned_rows_are_the_argmaxes_min_tokens_forbids():
+    short = seq_with(temperature=0, min_tokens=2, stop_token_ids=[7, 9])
+    done = seq_with(temperature=0, min_tokens=2, stop_token_ids=[7, 9])
+    done.token_ids += [11, 12]
+    free = seq_with(temperature=0, stop_token_ids=[7])
+    seqs = [short, short, done, free]
+    assert Sampler.banned_rows(seqs, [9, 8, 7, 7]) == [0]
+    assert Sampler.banned_rows(seqs, [7, 9, 9, 5]) == [0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +185,58 @@ def test_the_greedy_path_picks_the_samplers_tokens(checkpoint, name, dtype):
         served[label] = out
     assert served["plain"] == served["logprobs"]
     assert len({t for toks in served["plain"].values() for t in toks}) > 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", HERE)
+def test_min_tokens_keeps_the_fused_argmax_and_takes_the_samplers_token_where_it_is_a_stop_id(
+    checkpoint, name, dtype, monkeypatch
+):
+    """Greedy rows short of their min_tokens run through the fused LM head argmax; a row whose
+    argmax is one of its stop ids gets its logits from the same hidden row and the sampler's
+    token. Against the same requests with full logits every step (logprobs asked), at 1 and 3
+    rows a step, with the stop ids chosen to be the greedy tokens themselves."""
+    model = load_model(checkpoint, dtype=dtype, kernels=name)
+    prompts = [[(5 * i + 11 * j) % 4000 + 1 for j in range(4 + i)] for i in range(3)]
+
+    def run(params_of, logprobs=None):
+        engine = LLMEngine(
+            EngineConfig(model_dir="unused", block_size=4, kv_cache_memory=1 << 21), model=model
+        )
+        out: dict[str, list[int]] = {}
+        for batch in (prompts[:1], prompts):
+            for i, ids in enumerate(batch):
+                rid = f"{len(batch)}-{i}"
+                engine.add_request(rid, ids, params_of(rid, logprobs))
+                out[rid] = []
+            while engine.has_unfinished():
+                for o in engine.step():
+                    out[o.request_id] += o.token_ids
+        return out, engine
+
+    free, _ = run(lambda rid, lp: SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=lp))
+
+    # Every token a request picks freely is one of its stop ids, so min_tokens moves at least
+    # its first token off the fused argmax (and the rest follow a new path).
+    def held(rid, lp):
+        return SamplingParams(
+            temperature=0,
+            max_tokens=6,
+            min_tokens=4,
+            ignore_eos=True,
+            stop_token_ids=sorted(set(free[rid])),
+            logprobs=lp,
+        )
+
+    sampled, _ = run(held, logprobs=1)
+    recomputed = []
+    real_banned = Sampler.banned_rows
+    monkeypatch.setattr(
+        Sampler, "banned_rows", staticmethod(lambda s, t: recomputed.append(r := real_banned(s, t)) or r)
+    )
+    fused, engine = run(held)
+    assert fused == sampled
+    assert all(fused[rid][0] != free[rid][0] and fused[rid][0] not in free[rid] for rid in free)
+    # Each request's first argmax was a stop id, and that row went back for its logits.
+    assert sum(len(r) for r in recomputed) >= len(free)
+    assert engine.timing.steps > 0
