@@ -6,7 +6,7 @@
 Every request is a streamed ``/v1/completions`` whose prompt is a list of token ids, so two
 servers given the same checkpoint compute the same work whatever their chat templates (and a
 random model's garbage never reaches a chat parser: llama-server answers 500 on chat requests
-of a random gpt-oss). ``ignore_eos`` holds each request to ``--max-tokens``. Prompts come from
+of a random gpt-oss). ``ignore_eos`` and ``min_tokens`` hold each request to ``--max-tokens``. Prompts come from
 a seed, differ per request and per level (no prefix-cache hits across levels), and the same
 seed gives every server the same prompts.
 
@@ -80,6 +80,9 @@ async def one_request(
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "ignore_eos": True,
+        # As the peer harness (../shared/peer/loadgen.py) sends it too: a server that treats
+        # the hold as a logits processor pays for it here as well.
+        "min_tokens": max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

@@ -46,7 +46,7 @@ def test_each_request_streams_max_tokens_with_per_token_latencies(server):
     assert level.requests == len(level.results) == 5
     for r in level.results:
         assert r.error is None
-        assert r.output_tokens == 9  # ignore_eos holds the request to max_tokens
+        assert r.output_tokens == 9  # ignore_eos and min_tokens hold the request to max_tokens
         assert r.ttft_s is not None and r.ttft_s > 0
         # Streamed token by token, not buffered: most of the 9 tokens arrive as chunks of their
         # own (a byte token that ends mid-character may carry no text, so not all 8 gaps), and
