@@ -51,6 +51,11 @@ class TokenMasks:
         return TokenMasks([self.rows[j] for j in kept], self.bits[kept])
 
 
+def _held(seq: Sequence) -> bool:
+    """Still short of its min_tokens: its stop ids may not be sampled this step."""
+    return seq.num_output_tokens < seq.params.min_tokens
+
+
 def unpack_bits(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """int32 [R, W] bitmasks -> bool [R, vocab_size] (bit t % 32 of word t // 32 = token t)."""
     shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
@@ -145,7 +150,7 @@ class Sampler:
         return [
             i
             for i, (s, t) in enumerate(zip(seqs, tokens, strict=True))
-            if s.num_output_tokens < s.params.min_tokens and t in s.params.stop_token_ids
+            if _held(s) and t in s.params.stop_token_ids
         ]
 
     # -- logits processing ------------------------------------------------------------------
@@ -166,7 +171,7 @@ class Sampler:
                     bias_vals.append(float(val))
         ban_rows, ban_cols = [], []
         for i, (s, p) in enumerate(zip(seqs, params, strict=True)):
-            if s.num_output_tokens < p.min_tokens:
+            if _held(s):
                 for tok in p.stop_token_ids:
                     if 0 <= tok < self.vocab_size:
                         ban_rows.append(i)

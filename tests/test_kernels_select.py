@@ -196,12 +196,14 @@ def test_native_cpu_passes_its_self_check_on_every_cpu_path_here_and_keeps_to_it
 
 
 @pytest.mark.skipif("native-cpu" not in HERE, reason="the native CPU backend does not load here")
-def test_auto_steps_native_cpu_down_one_path_when_its_best_fails(monkeypatch, caplog, tiny):
+@pytest.mark.parametrize("cap", [None, "generic"])  # this CPU's best path; the portable one alone
+def test_auto_steps_native_cpu_down_one_path_when_its_best_fails(monkeypatch, caplog, tiny, cap):
     import model.kernels.native_cpu as native_cpu
 
+    if cap is not None:
+        monkeypatch.setenv("GPTOSS_NATIVE_MOE_ISA", cap)
     best = native_cpu.isa()
-    if best == native_cpu.ISAS[0]:
-        pytest.skip("this CPU runs the portable path only: nothing below it")
+    level = native_cpu.ISAS.index(best)
     real_check = select.self_check
 
     def best_path_broken(candidate, reference, weights, config, dtype):
@@ -212,9 +214,14 @@ def test_auto_steps_native_cpu_down_one_path_when_its_best_fails(monkeypatch, ca
     monkeypatch.setattr(select, "self_check", best_path_broken)
     with caplog.at_level(logging.INFO, logger="model.kernels"):
         chosen = select_kernels("auto", CPU, torch.float32, tiny.config, tiny.weights)
-    lower = native_cpu.ISAS[native_cpu.ISAS.index(best) - 1]
-    assert (chosen.name, chosen.isa) == ("native-cpu", lower)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if level == 0:  # a CPU with the portable path only: nothing below it but the reference
+        assert chosen.name == REFERENCE
+        assert len(warnings) == 1 and f"native-cpu [{best}] failed" in warnings[0]
+        assert warnings[0].endswith("using reference instead")
+        return
+    lower = native_cpu.ISAS[level - 1]
+    assert (chosen.name, chosen.isa) == ("native-cpu", lower)
     assert (
         len(warnings) == 1
         and f"native-cpu [{best}] failed" in warnings[0]

@@ -65,10 +65,9 @@ class NativeCpuKernels(ReferenceKernels):
         # GPTOSS_NATIVE_MOE_ISA allows), or lower where ``fallback`` capped it.
         best = native_cpu.isa()
         self.isa = best if isa is None else min(isa, best, key=native_cpu.ISAS.index)
-        level = native_cpu.ISAS.index(self.isa)
         # Asked once: the per-call check takes the loader's lock, twice per layer per step.
-        self.bf16_dot = native_cpu.bf16_dot_available() and level >= native_cpu.ISAS.index("avx512_bf16")
-        self.screens = native_cpu.screen_available() and level >= native_cpu.ISAS.index("avx512_vnni")
+        self.bf16_dot = native_cpu.bf16_dot_available(self.isa)
+        self.screens = native_cpu.screen_available(self.isa)
         # The dtypes whose decode attention runs in the kernel (a bench may narrow it to A/B).
         self.attention_dtypes = NATIVE_ATTENTION_BF16_DOT_DTYPES if self.bf16_dot else NATIVE_ATTENTION_DTYPES
         # Calls left before the head's screen is tried again, per mode (two digits or one).

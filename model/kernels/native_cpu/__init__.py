@@ -24,12 +24,12 @@ API:
 - ``paged_decode_attention(q, k_cache, v_cache, rows, blocks, mask, sinks, sm_scale, out)``:
   the decode queries of one plan group attended over the cache blocks in place
   (``attention.cpp``).
-- ``bf16_dot_available() -> bool``: the AVX-512 BF16 path is there, which the two below need.
+- ``bf16_dot_available(isa=None) -> bool``: the AVX-512 BF16 path is there, which the two below need.
 - ``InterleavedLinear(weight)`` and ``linear_interleaved(x, packed, bias=None, out=None, *,
   argmax=False)``: x @ weight.T + bias in bf16 with fp32 accumulation, rounded once, over a copy
   of the weight laid out once for it (16 outputs interleaved per bf16 pair), at any row count;
   with ``argmax`` the greedy token of every row, the product not written (``linear.cpp``).
-- ``screen_available() -> bool``, ``ScreenedHead(weight)`` and ``screened_argmax(x, head,
+- ``screen_available(isa=None) -> bool``, ``ScreenedHead(weight)`` and ``screened_argmax(x, head,
   recomputed=None)``:
   the greedy tokens of an ``InterleavedLinear`` head read through an 8-bit copy with a proven
   error bound, the few candidates recomputed exactly: ``linear_interleaved(..., argmax=True)``'s
@@ -182,10 +182,10 @@ def paged_decode_attention(
     )
 
 
-def bf16_dot_available() -> bool:
+def bf16_dot_available(isa: str | None = None) -> bool:
     """Whether ``linear_interleaved`` and ``argmax_rows`` run here (AVX-512 BF16, not capped
-    off)."""
-    return available() and _isa_level(None) >= ISAS.index("avx512_bf16")
+    off by ``isa`` or ``GPTOSS_NATIVE_MOE_ISA``)."""
+    return available() and _isa_level(isa) >= ISAS.index("avx512_bf16")
 
 
 class InterleavedLinear:
@@ -241,9 +241,10 @@ def linear_interleaved(
     return out
 
 
-def screen_available() -> bool:
-    """Whether ``screened_argmax`` runs here (AVX-512 VNNI beside BF16, not capped off)."""
-    return available() and _isa_level(None) >= ISAS.index("avx512_vnni")
+def screen_available(isa: str | None = None) -> bool:
+    """Whether ``screened_argmax`` runs here (AVX-512 VNNI beside BF16, not capped off by
+    ``isa`` or ``GPTOSS_NATIVE_MOE_ISA``)."""
+    return available() and _isa_level(isa) >= ISAS.index("avx512_vnni")
 
 
 SCREEN_BUILD_ROWS = 16384  # outputs quantized at a time at load (an fp32 copy of these only)

@@ -62,7 +62,9 @@ struct Best {
 // caches and evict what the step's small ops (norms, RoPE, the router, the Python around them)
 // read again, which then come from memory: on the 20b's batch-4 decode, with this hint here and
 // in moe.cpp, RMSNorm took 1.5 against 2.9 ms a step and the forward 195 against 207 ms
-// (alternated in one process, AMD EPYC, 2026-12-08); prefill (compute-bound) no different.
+// (AMD EPYC, 2026-12-08, through a run-time switch in one process; the builds as shipped,
+// process against process, differed by less than the noise); prefill (compute-bound) no
+// different.
 // moe.cpp's packed tiles ask the same way for their blocks (prefetch_ahead).
 constexpr int64_t kAheadLines = 16;
 GPTOSS_INLINE void prefetch_nta(const void* line) {
